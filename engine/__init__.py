@@ -1,0 +1,1 @@
+"""mtp-mcp engine: speculative decoding on transformers models."""

@@ -1,0 +1,122 @@
+"""The `mtp-mcp` command line: generate (one request), serve (the MCP server), bench (benchmarks).
+
+stdout carries only results (or, for `serve` on stdio, the MCP protocol); progress and logs go to stderr.
+Bad input exits with status 2 and one sentence on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from engine.drafters import DRAFTER_NAMES
+from engine.engine import DEFAULT_NUM_DRAFT_TOKENS, Engine, EngineOptions
+from engine.errors import EngineError, InvalidRequestError, ModelLoadError
+from engine.request import GenerationRequest
+
+USAGE_ERROR = 2
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    """The model/drafter/device options shared by every subcommand that loads an engine."""
+    group = parser.add_argument_group("engine")
+    group.add_argument("--model", help="local model directory, .gguf file, or hub id already in the local cache "
+                       "(default: the embedded Gemma 3 270M)")
+    group.add_argument("--drafter", default="auto", help=f"one of {', '.join(DRAFTER_NAMES)} (default: auto)")
+    group.add_argument("--draft-model", help="draft model for --drafter draft-model (same tokenizer as the target)")
+    group.add_argument("--num-draft-tokens", type=int, default=DEFAULT_NUM_DRAFT_TOKENS,
+                       help=f"most tokens drafted per target pass (default: {DEFAULT_NUM_DRAFT_TOKENS})")
+    group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="auto: float32 on CPU, bfloat16 on CUDA")
+    group.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def engine_options(args: argparse.Namespace) -> EngineOptions:
+    return EngineOptions(
+        model=args.model,
+        drafter=args.drafter,
+        draft_model=args.draft_model,
+        num_draft_tokens=args.num_draft_tokens,
+        device=args.device,
+        dtype=args.dtype,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mtp-mcp", description="Fast local text generation with multi-token "
+                                     "prediction (speculative decoding), as a CLI and an MCP server.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="generate text for one prompt")
+    gen.add_argument("prompt")
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object with text, token_ids, "
+                     "finish_reason and stats instead of streaming text")
+    add_engine_options(gen)
+
+    from server.cli import add_serve_parser
+
+    add_serve_parser(commands)
+
+    from benchmarks.cli import add_bench_parser
+
+    add_bench_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args) if hasattr(args, "run") else run_generate(args)
+    except (InvalidRequestError, ModelLoadError) as error:
+        print(f"mtp-mcp: {error}", file=sys.stderr)
+        return USAGE_ERROR
+    except EngineError as error:
+        print(f"mtp-mcp: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    # Validate the request before spending a minute loading the model.
+    request = GenerationRequest(
+        prompt=args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
+    engine = Engine.load(engine_options(args))
+    try:
+        if args.json:
+            result = engine.generate(request)
+            json.dump(result.to_dict(), sys.stdout)
+            sys.stdout.write("\n")
+        else:
+            result = engine.generate(request, on_text=lambda text, _: print(text, end="", flush=True))
+            print()
+            stats = result.stats
+            logging.getLogger("mtp-mcp").info(
+                "%d tokens, finish %s, %.2f tok/s, %.2f tokens per target pass (drafter %s)",
+                stats.new_tokens, result.finish_reason, stats.tokens_per_second, stats.mean_tokens_per_pass,
+                stats.drafter,
+            )
+    finally:
+        engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""One request, start to finish: prefill, then propose -> verify -> accept -> roll back, until a stop.
+
+    tokens:  [ prompt ............ | generated ....... x ]   x = last committed token, not in the cache yet
+    step:    feed [x, d_1 .. d_k] to the target (one pass), verify, keep d_1 .. d_n and the target's own token,
+             drop the k - n rejected states from the cache.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from engine.drafters.base import DraftContext, Drafter
+from engine.request import FinishReason, GenerationRequest, GenerationResult
+from engine.sampling import probabilities
+from engine.stats import GenerationStats
+from engine.target import TargetModel
+from engine.text import IncrementalDetokenizer, StopStringMatcher
+from engine.verify import verify_greedy, verify_sampling
+
+TextCallback = Callable[[str, int], None]  # (new text, tokens generated so far)
+
+
+def generate(
+    target: TargetModel,
+    drafter: Drafter,
+    tokenizer: PreTrainedTokenizerBase,
+    request: GenerationRequest,
+    prompt_ids: list[int],
+    eos_ids: frozenset[int],
+    context_length: int,
+    cancel: threading.Event | None = None,
+    on_text: TextCallback | None = None,
+) -> GenerationResult:
+    """Runs the speculative decode loop. The prompt must already fit: len(prompt_ids) + max_new_tokens <= context."""
+    started = time.perf_counter()
+    stats = GenerationStats(drafter=drafter.name, prompt_tokens=len(prompt_ids))
+    sampling = request.sampling
+    generator = torch.Generator(device=target.device)
+    if request.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(request.seed)
+
+    target.reset()
+    new_hidden = target.forward(prompt_ids[:-1], logits_for_last=0).hidden
+    drafter.begin(prompt_ids, sampling, generator)
+    stats.prefill_time_s = time.perf_counter() - started
+
+    tokens = list(prompt_ids)
+    generated: list[int] = []
+    text_parts: list[str] = []
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    stop_matcher = StopStringMatcher(request.stop)
+    finish: FinishReason | None = None
+
+    def emit(text: str) -> None:
+        if text:
+            text_parts.append(text)
+            if on_text is not None:
+                on_text(text, len(generated))
+
+    while finish is None:
+        if cancel is not None and cancel.is_set():
+            finish = "cancelled"
+            break
+        step_started = time.perf_counter()
+        # Each pass yields accepted + 1 tokens: draft at most one fewer than the request still allows.
+        draft_budget = min(request.max_new_tokens - len(generated), context_length - len(tokens)) - 1
+        draft = drafter.propose(DraftContext(tokens, draft_budget, new_hidden, target))
+        drafted = time.perf_counter()
+
+        scored = target.forward([tokens[-1], *draft.tokens])
+        if sampling.greedy:
+            verdict = verify_greedy(draft.tokens, scored.logits)
+        else:
+            verdict = verify_sampling(draft.tokens, draft.probs, probabilities(scored.logits, sampling), generator)
+        target.rollback(len(draft.tokens) - verdict.accepted)
+        drafter.observe(len(draft.tokens), verdict.accepted)
+        new_hidden = scored.hidden[: verdict.accepted + 1]
+        stats.record_step(len(draft.tokens), verdict.accepted)
+        stats.drafting_time_s += drafted - step_started
+        stats.verifying_time_s += time.perf_counter() - drafted
+
+        for token in [*draft.tokens[: verdict.accepted], verdict.next_token]:
+            tokens.append(token)
+            generated.append(token)
+            if token in eos_ids:
+                finish = "eos"
+                break
+            text, stopped = stop_matcher.push(detokenizer.push(token))
+            emit(text)
+            if stopped:
+                finish = "stop_string"
+                break
+            if len(generated) >= request.max_new_tokens:
+                finish = "length"
+                break
+        if stats.time_to_first_token_s == 0.0:
+            stats.time_to_first_token_s = time.perf_counter() - started
+
+    emit(stop_matcher.flush())
+    stats.new_tokens = len(generated)
+    stats.total_time_s = time.perf_counter() - started
+    return GenerationResult(text="".join(text_parts), token_ids=generated, finish_reason=finish, stats=stats)

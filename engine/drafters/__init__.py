@@ -1,0 +1,98 @@
+"""Drafters: cheap proposers of next tokens. `create_drafter` turns a --drafter name into one.
+
+`mtp` is the model's own multi-token prediction: a Gemma 4 assistant (given with --draft-model, or found beside the
+target as `<target>-assistant`), or MTP layers inside the checkpoint (Qwen3.5 / 3.6 / Next, DeepSeek-V3, GLM-4.5).
+`auto` takes native MTP when the model has it (a checkpoint that only declares MTP layers, without their tensors,
+does not count), else a draft model when --draft-model is given, else `ngram`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from re import Pattern
+
+from engine.drafters import deepseek_mtp, qwen_mtp
+from engine.drafters.autoregressive import NoDrafter
+from engine.drafters.base import Draft, DraftContext, Drafter
+from engine.drafters.draft_model import DraftModelDrafter, check_same_vocabulary
+from engine.drafters.gemma4_assistant import is_gemma4_assistant, load_gemma4_assistant_drafter, sibling_assistant
+from engine.drafters.mtp_heads import checkpoint_tensor_files
+from engine.drafters.prompt_lookup import PromptLookupDrafter
+from engine.errors import InvalidRequestError
+from engine.loading import LoadedModel, load_model
+
+log = logging.getLogger(__name__)
+
+DRAFTER_NAMES = ("auto", "none", "ngram", "draft-model", "mtp")
+MAX_NUM_DRAFT_TOKENS = 16
+
+__all__ = ["DRAFTER_NAMES", "Draft", "DraftContext", "Drafter", "create_drafter"]
+
+# Per family of in-checkpoint MTP: (MTP layers the config declares, names of their tensors, loader).
+_MTP_FAMILIES: tuple[tuple[Callable, Callable[[LoadedModel], Pattern], Callable[[LoadedModel, int], Drafter]], ...] = (
+    (qwen_mtp.declared_mtp_layers, qwen_mtp.mtp_tensor_names, qwen_mtp.load_qwen_mtp_drafter),
+    (deepseek_mtp.declared_mtp_layers, deepseek_mtp.mtp_tensor_names, deepseek_mtp.load_deepseek_mtp_drafter),
+)
+
+
+def create_drafter(name: str, target: LoadedModel, draft_model: str | None, num_draft_tokens: int) -> Drafter:
+    if name not in DRAFTER_NAMES:
+        raise InvalidRequestError(f"unknown drafter '{name}'; choose one of: {', '.join(DRAFTER_NAMES)}")
+    if not isinstance(num_draft_tokens, int) or not 1 <= num_draft_tokens <= MAX_NUM_DRAFT_TOKENS:
+        raise InvalidRequestError(
+            f"num_draft_tokens is {num_draft_tokens!r}; it must be a whole number from 1 to {MAX_NUM_DRAFT_TOKENS}"
+        )
+    if draft_model is not None and name not in ("auto", "draft-model", "mtp"):
+        raise InvalidRequestError(
+            f"--draft-model is only used with --drafter draft-model, mtp (a Gemma 4 assistant) or auto, not '{name}'"
+        )
+    if name == "none":
+        return NoDrafter()
+    if name in ("mtp", "auto"):
+        native = _native_mtp_drafter(target, draft_model, num_draft_tokens, required=name == "mtp")
+        if native is not None:
+            return native
+    if name == "draft-model" or draft_model is not None:
+        if draft_model is None:
+            raise InvalidRequestError("--drafter draft-model needs --draft-model PATH (a small model with the same tokenizer)")
+        if is_gemma4_assistant(draft_model):
+            raise InvalidRequestError(
+                f"'{draft_model}' is a Gemma 4 assistant, which reads the target's hidden states and cache; "
+                "use it with --drafter mtp (or auto), not draft-model"
+            )
+        draft = load_model(draft_model, device=str(target.device), dtype=str(target.dtype).removeprefix("torch."))
+        check_same_vocabulary(target.tokenizer, draft.tokenizer, draft.name)
+        return DraftModelDrafter(draft.model, num_draft_tokens)
+    return PromptLookupDrafter(num_draft_tokens)
+
+
+def _native_mtp_drafter(target: LoadedModel, draft_model: str | None, num_draft_tokens: int, *,
+                        required: bool) -> Drafter | None:
+    """The model's own MTP drafter; None (auto) or InvalidRequestError (mtp) when it has none."""
+    if draft_model is not None:
+        if required or is_gemma4_assistant(draft_model):
+            return load_gemma4_assistant_drafter(draft_model, target, num_draft_tokens)
+        return None  # auto with an ordinary draft model
+    assistant = sibling_assistant(target.path)
+    if assistant is not None:
+        log.info("using the Gemma 4 assistant found beside the model: %s", assistant)
+        return load_gemma4_assistant_drafter(assistant, target, num_draft_tokens)
+    text_config = target.model.config.get_text_config()
+    for declared_layers, tensor_names, load in _MTP_FAMILIES:
+        if not declared_layers(text_config):
+            continue
+        if not required:
+            pattern = tensor_names(target)
+            if not any(pattern.search(tensor) for tensor in checkpoint_tensor_files(target.path)):
+                log.warning("model %s declares MTP layers but its checkpoint holds none of their tensors; "
+                            "drafting with ngram instead", target.name)
+                return None
+        return load(target, num_draft_tokens)
+    if required:
+        raise InvalidRequestError(
+            f"model '{target.name}' has no multi-token prediction of its own: its config declares no MTP layers "
+            "(mtp_num_hidden_layers / num_nextn_predict_layers) and no Gemma 4 assistant was given or found beside "
+            "it as '<model>-assistant'; use --drafter ngram, or --drafter mtp --draft-model ASSISTANT_DIR"
+        )
+    return None

@@ -1,0 +1,21 @@
+"""The `none` drafter: proposes nothing, so each target pass yields exactly one token (the plain baseline)."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.drafters.base import NO_DRAFT, Draft, DraftContext
+from engine.sampling import SamplingParams
+
+
+class NoDrafter:
+    name = "none"
+
+    def begin(self, prompt_ids: list[int], sampling: SamplingParams, generator: torch.Generator) -> None:
+        pass
+
+    def propose(self, context: DraftContext) -> Draft:
+        return NO_DRAFT
+
+    def observe(self, proposed: int, accepted: int) -> None:
+        pass

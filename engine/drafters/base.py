@@ -1,0 +1,65 @@
+"""The drafter protocol: propose some next tokens cheaply; learn how many the target kept.
+
+Drafters never decide what is accepted (engine.verify does) and never touch the target's cache position
+(engine.target owns it). A drafter that reads the target's hidden states or KV cache gets them through DraftContext.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from engine.sampling import SamplingParams
+from engine.target import TargetModel
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    tokens: list[int]
+    # [len(tokens), V]: the distribution each token was sampled from. None means deterministic (one-hot q), which
+    # is also what every drafter returns under greedy decoding.
+    probs: torch.Tensor | None = None
+
+
+NO_DRAFT = Draft(tokens=[])
+
+
+@dataclass(frozen=True, slots=True)
+class DraftContext:
+    token_ids: list[int]  # every committed token, prompt first; the last one is not in the target's cache yet
+    max_tokens: int  # propose at most this many (what the request and the context still allow)
+    # Target hidden states that arrived since the last proposal: new_hidden[j] is the state at the position before
+    # token_ids[-len(new_hidden) + j], i.e. the one that predicted it. MTP heads consume these (h_t, x_{t+1}) pairs.
+    new_hidden: torch.Tensor
+    target: TargetModel  # read-only: for drafters that attend to the target's KV cache
+
+
+class Drafter(Protocol):
+    name: str
+
+    def begin(self, prompt_ids: list[int], sampling: SamplingParams, generator: torch.Generator) -> None:
+        """Resets per-request state; called once before the first proposal of every request."""
+
+    def propose(self, context: DraftContext) -> Draft:
+        """Returns up to context.max_tokens tokens that would follow context.token_ids."""
+
+    def observe(self, proposed: int, accepted: int) -> None:
+        """Learns from the verdict on the last proposal (e.g. to adapt the draft length)."""
+
+
+class AdaptiveDraftLength:
+    """The transformers heuristic: +2 after a fully accepted draft, -1 otherwise; between 1 and `maximum`."""
+
+    def __init__(self, maximum: int):
+        self.maximum = maximum
+        self.current = maximum
+
+    def update(self, proposed: int, accepted: int) -> None:
+        if proposed == 0:
+            return
+        if accepted == proposed:
+            self.current = min(self.maximum, self.current + 2)
+        else:
+            self.current = max(1, self.current - 1)

@@ -1,0 +1,88 @@
+"""The `draft-model` drafter: a small causal LM with the same tokenizer drafts autoregressively in its own cache."""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from engine.drafters.base import NO_DRAFT, AdaptiveDraftLength, Draft, DraftContext
+from engine.errors import InvalidRequestError
+from engine.sampling import SamplingParams, probabilities, sample
+
+
+class DraftModelDrafter:
+    name = "draft-model"
+
+    def __init__(self, model: PreTrainedModel, num_draft_tokens: int):
+        self.model = model
+        self.length = AdaptiveDraftLength(num_draft_tokens)
+        self._cache: DynamicCache | None = None
+        self._cached_ids: list[int] = []  # the tokens whose states are in self._cache, in order
+        self._sampling = SamplingParams()
+        self._generator: torch.Generator | None = None
+
+    def begin(self, prompt_ids: list[int], sampling: SamplingParams, generator: torch.Generator) -> None:
+        self.length.current = self.length.maximum
+        self._cache = DynamicCache(config=self.model.config)
+        self._cache.activate_past_recording()
+        self._cached_ids = []
+        self._sampling = sampling
+        self._generator = generator
+
+    @torch.inference_mode()
+    def propose(self, context: DraftContext) -> Draft:
+        limit = min(self.length.current, context.max_tokens)
+        if limit <= 0:
+            return NO_DRAFT
+        tokens = context.token_ids
+        # Roll the draft cache back to the longest prefix it shares with the committed tokens, then catch up.
+        common = 0
+        for cached, committed in zip(self._cached_ids, tokens):
+            if cached != committed:
+                break
+            common += 1
+        common = min(common, len(tokens) - 1)  # always re-feed at least one token to get fresh logits
+        if self._cached_ids:  # (an empty cache has no layers to crop yet)
+            self._cache.crop(common - len(self._cached_ids))
+            self._cached_ids = tokens[:common]
+
+        feed = tokens[common:]
+        drafted: list[int] = []
+        draft_probs: list[torch.Tensor] = []
+        for _ in range(limit):
+            logits = self._forward(feed)
+            if self._sampling.greedy:
+                token = int(logits.argmax())
+            else:
+                q = probabilities(logits[None], self._sampling)[0]
+                token = sample(q, self._generator)
+                draft_probs.append(q)
+            drafted.append(token)
+            feed = [token]
+        if not draft_probs:
+            return Draft(tokens=drafted)
+        probs = torch.stack(draft_probs)
+        # A draft head may be padded to a different width than the target's; q must live on p's vocabulary.
+        width = context.target.vocab_size
+        probs = torch.nn.functional.pad(probs, (0, max(0, width - probs.shape[-1])))[:, :width]
+        return Draft(tokens=drafted, probs=probs.to(context.target.device))
+
+    def _forward(self, token_ids: list[int]) -> torch.Tensor:
+        """Feeds token_ids into the draft cache; returns the logits after the last one ([V], float32)."""
+        input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.model.device)
+        out = self.model(input_ids=input_ids, cache=self._cache, use_cache=True, logits_to_keep=1)
+        self._cached_ids.extend(token_ids)
+        return out.logits[0, -1].float()
+
+    def observe(self, proposed: int, accepted: int) -> None:
+        self.length.update(proposed, accepted)
+
+
+def check_same_vocabulary(target: PreTrainedTokenizerBase, draft: PreTrainedTokenizerBase, draft_name: str) -> None:
+    """A draft model is only useful (and only correct to verify token by token) if both map text to the same ids."""
+    if target.get_vocab() != draft.get_vocab():
+        raise InvalidRequestError(
+            f"draft model '{draft_name}' uses a different tokenizer from the target "
+            f"({len(draft.get_vocab())} vs {len(target.get_vocab())} tokens); "
+            "a draft model must share the target's vocabulary exactly"
+        )

@@ -1,0 +1,194 @@
+"""The resident engine: holds the models, owns the device through one worker thread, serves requests FIFO.
+
+Callers on any thread or event loop `submit` a request and get a handle (cancel, wait for the result, receive text
+as it is accepted through a callback run on the worker thread). The queue is bounded: when it is full, `submit`
+fails at once with EngineBusyError instead of making the caller wait without end. A request that fails is
+reported to its caller alone; the worker goes on with the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import torch
+
+from engine.decode import TextCallback, generate
+from engine.drafters import create_drafter
+from engine.drafters.base import Drafter
+from engine.errors import EngineBusyError, EngineClosedError, EngineError, InvalidRequestError
+from engine.loading import LoadedModel, load_model
+from engine.request import GenerationRequest, GenerationResult
+from engine.stats import EngineTotals, GenerationStats
+from engine.target import TargetModel
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NUM_DRAFT_TOKENS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOptions:
+    model: str | None = None  # None: the embedded default (Gemma 3 270M)
+    drafter: str = "auto"
+    draft_model: str | None = None
+    num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS
+    device: str = "auto"
+    dtype: str = "auto"
+    max_queued_requests: int = 16
+
+
+class GenerationHandle:
+    """A submitted request: cancel it, or wait for its result."""
+
+    def __init__(self, request: GenerationRequest, on_text: TextCallback | None):
+        self.request = request
+        self.on_text = on_text
+        self.cancelled = threading.Event()
+        self.future: Future[GenerationResult] = Future()
+
+    def cancel(self) -> None:
+        """Stops the generation within one engine step (or before it starts); the result has finish_reason
+        'cancelled' and holds the text generated so far."""
+        self.cancelled.set()
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        return self.future.result(timeout)
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, drafter: Drafter, max_queued_requests: int = 16):
+        self.loaded = loaded
+        self.drafter = drafter
+        self.totals = EngineTotals()
+        self._target = TargetModel(loaded.model)
+        self._eos_ids = _eos_ids(loaded)
+        self._tokenizer_lock = threading.Lock()  # fast tokenizers must not encode from two threads at once
+        self._totals_lock = threading.Lock()
+        self._queue: queue.Queue[GenerationHandle | None] = queue.Queue(maxsize=max_queued_requests)
+        self._closed = False
+        self._worker = threading.Thread(target=self._serve, name="mtp-engine", daemon=True)
+        self._worker.start()
+
+    @classmethod
+    def load(cls, options: EngineOptions) -> Engine:
+        loaded = load_model(options.model, device=options.device, dtype=options.dtype)
+        drafter = create_drafter(options.drafter, loaded, options.draft_model, options.num_draft_tokens)
+        log.info("engine ready: %s on %s (%s), drafter %s", loaded.name, loaded.device, loaded.dtype, drafter.name)
+        return cls(loaded, drafter, options.max_queued_requests)
+
+    @property
+    def info(self) -> dict:
+        return {
+            "model": self.loaded.name,
+            "path": self.loaded.path,
+            "device": str(self.loaded.device),
+            "dtype": str(self.loaded.dtype).removeprefix("torch."),
+            "context_length": self.loaded.context_length,
+            "drafter": self.drafter.name,
+            "has_chat_template": bool(getattr(self.loaded.tokenizer, "chat_template", None)),
+        }
+
+    def totals_snapshot(self) -> dict:
+        with self._totals_lock:
+            return self.totals.to_dict()
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.encode(text, add_special_tokens=False))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        with self._tokenizer_lock:
+            return self.loaded.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def submit(self, request: GenerationRequest, on_text: TextCallback | None = None) -> GenerationHandle:
+        if self._closed:
+            raise EngineClosedError("the engine is shut down and takes no more requests")
+        handle = GenerationHandle(request, on_text)
+        try:
+            self._queue.put_nowait(handle)
+        except queue.Full:
+            raise EngineBusyError(
+                f"the engine is busy: {self._queue.maxsize} requests are already waiting; try again shortly"
+            ) from None
+        return handle
+
+    def generate(self, request: GenerationRequest, on_text: TextCallback | None = None) -> GenerationResult:
+        return self.submit(request, on_text).result()
+
+    def close(self) -> None:
+        """Finishes the request in progress, cancels those still queued, and stops the worker."""
+        if self._closed:
+            return
+        self._closed = True
+        while True:
+            try:
+                pending = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if pending is not None:
+                pending.future.set_exception(EngineClosedError("the engine was shut down before this request ran"))
+        self._queue.put(None)
+        self._worker.join()
+
+    def _serve(self) -> None:
+        while (handle := self._queue.get()) is not None:
+            if not handle.future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = self._run(handle)
+            except EngineError as error:
+                handle.future.set_exception(error)
+            except Exception as error:  # a failed request must never take the engine down
+                log.exception("generation failed")
+                if isinstance(error, torch.OutOfMemoryError):
+                    message = "the device ran out of memory; try a shorter prompt or fewer new tokens"
+                else:
+                    message = f"generation failed inside the engine ({type(error).__name__}: {error})"
+                handle.future.set_exception(EngineError(message))
+            else:
+                handle.future.set_result(result)
+            finally:
+                self._target.release()
+
+    def _run(self, handle: GenerationHandle) -> GenerationResult:
+        request = handle.request
+        if handle.cancelled.is_set():
+            return GenerationResult(text="", token_ids=[], finish_reason="cancelled", stats=GenerationStats())
+        prompt_ids = self.encode(request.prompt, request.add_special_tokens)
+        context = self.loaded.context_length
+        if not prompt_ids:
+            raise InvalidRequestError("the prompt encodes to no tokens; give some text to continue")
+        if len(prompt_ids) >= context:
+            raise InvalidRequestError(
+                f"the prompt is {len(prompt_ids)} tokens, beyond the model's context of {context} tokens; shorten it"
+            )
+        if len(prompt_ids) + request.max_new_tokens > context:
+            raise InvalidRequestError(
+                f"the prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({request.max_new_tokens}) exceeds the "
+                f"model's context of {context} tokens; ask for at most {context - len(prompt_ids)} new tokens"
+            )
+        result = generate(
+            self._target,
+            self.drafter,
+            self.loaded.tokenizer,
+            request,
+            prompt_ids,
+            self._eos_ids,
+            context,
+            cancel=handle.cancelled,
+            on_text=handle.on_text,
+        )
+        with self._totals_lock:
+            self.totals.add(result.stats)
+        return result
+
+
+def _eos_ids(loaded: LoadedModel) -> frozenset[int]:
+    """Every id that ends a sequence: the generation config's (possibly a list) and the tokenizer's."""
+    configured = getattr(loaded.model.generation_config, "eos_token_id", None)
+    ids = set(configured if isinstance(configured, list) else [configured])
+    ids.add(loaded.tokenizer.eos_token_id)
+    return frozenset(i for i in ids if i is not None)

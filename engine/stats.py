@@ -1,0 +1,95 @@
+"""Per-request speculation and timing statistics."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(slots=True)
+class GenerationStats:
+    drafter: str = ""
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    target_passes: int = 0  # target forward passes while decoding (the prefill is not counted)
+    draft_tokens_proposed: int = 0
+    draft_tokens_accepted: int = 0
+    # proposed_at[i] / accepted_at[i]: drafts offered / kept at draft position i (0 = first token after the last one)
+    proposed_at: list[int] = field(default_factory=list)
+    accepted_at: list[int] = field(default_factory=list)
+    prefill_time_s: float = 0.0
+    drafting_time_s: float = 0.0
+    verifying_time_s: float = 0.0
+    time_to_first_token_s: float = 0.0
+    total_time_s: float = 0.0
+
+    def record_step(self, proposed: int, accepted: int) -> None:
+        self.target_passes += 1
+        self.draft_tokens_proposed += proposed
+        self.draft_tokens_accepted += accepted
+        while len(self.proposed_at) < proposed:
+            self.proposed_at.append(0)
+            self.accepted_at.append(0)
+        for i in range(proposed):
+            self.proposed_at[i] += 1
+            self.accepted_at[i] += i < accepted
+
+    @property
+    def mean_tokens_per_pass(self) -> float:
+        """New tokens per target pass: 1.0 for plain decoding, up to k+1 with k drafts."""
+        return self.new_tokens / self.target_passes if self.target_passes else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.draft_tokens_accepted / self.draft_tokens_proposed if self.draft_tokens_proposed else 0.0
+
+    @property
+    def acceptance_by_position(self) -> list[float]:
+        return [a / p if p else 0.0 for a, p in zip(self.accepted_at, self.proposed_at)]
+
+    @property
+    def tokens_per_second(self) -> float:
+        """End to end: new tokens over the whole request time, the prefill included."""
+        return self.new_tokens / self.total_time_s if self.total_time_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        fields = asdict(self)
+        del fields["proposed_at"], fields["accepted_at"]
+        return fields | {
+            "mean_tokens_per_pass": round(self.mean_tokens_per_pass, 4),
+            "acceptance_rate": round(self.acceptance_rate, 4),
+            "acceptance_by_position": [round(r, 4) for r in self.acceptance_by_position],
+            "tokens_per_second": round(self.tokens_per_second, 3),
+        }
+
+
+@dataclass(slots=True)
+class EngineTotals:
+    """Cumulative counts over every finished request since the engine started."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    target_passes: int = 0
+    draft_tokens_proposed: int = 0
+    draft_tokens_accepted: int = 0
+    generation_time_s: float = 0.0
+
+    def add(self, stats: GenerationStats) -> None:
+        self.requests += 1
+        self.prompt_tokens += stats.prompt_tokens
+        self.new_tokens += stats.new_tokens
+        self.target_passes += stats.target_passes
+        self.draft_tokens_proposed += stats.draft_tokens_proposed
+        self.draft_tokens_accepted += stats.draft_tokens_accepted
+        self.generation_time_s += stats.total_time_s
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {
+            "mean_tokens_per_pass": round(self.new_tokens / self.target_passes, 4) if self.target_passes else 0.0,
+            "acceptance_rate": (
+                round(self.draft_tokens_accepted / self.draft_tokens_proposed, 4) if self.draft_tokens_proposed else 0.0
+            ),
+            "tokens_per_second": (
+                round(self.new_tokens / self.generation_time_s, 3) if self.generation_time_s > 0 else 0.0
+            ),
+        }

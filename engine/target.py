@@ -1,0 +1,124 @@
+"""The target model and its cache: the single owner of what the target has seen.
+
+Invariant between steps: the cache holds the states of every committed token except the last one, which is the
+first input of the next forward pass. Rolling back a rejected draft therefore means dropping exactly the drafts
+that were not accepted, never anything committed.
+
+Hybrid models (Qwen3.5 / Qwen3.6 / Qwen3-Next: Gated DeltaNet linear attention beside full attention) keep, per
+linear layer, a convolution state (the last few inputs) and a recurrent state (a matrix folded over every token seen).
+Attention keys/values and the convolution state can be cut back token by token (`crop`, with past recording on); the
+recurrent state cannot. So `forward` snapshots the recurrent states before it feeds more than one token, and
+`rollback` of a rejection restores them and feeds the accepted tokens again. Measured on a tiny Qwen3.5 (4 layers,
+3 linear; see the MTP report): snapshot + restore + re-run costs one extra forward of the accepted tokens, only when a
+draft is rejected, and nothing when all are accepted. Keeping per-position states instead needs a Gated DeltaNet
+kernel that emits the state after every position; transformers' kernels (torch and FLA) return only the final state,
+so it would mean replacing the model's kernel from outside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+
+@dataclass(frozen=True, slots=True)
+class TargetOutput:
+    logits: torch.Tensor | None  # [n, V] for the last n fed positions that asked for logits, float32
+    hidden: torch.Tensor  # [n_fed, H] final (normalised) hidden states; row i predicts the token after input i
+
+
+class TargetModel:
+    def __init__(self, model: PreTrainedModel):
+        self.model = model
+        self.device = model.device
+        self._decoder = model.get_decoder()
+        self._lm_head = model.get_output_embeddings()
+        self._softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+        self.vocab_size = self._lm_head.out_features
+        self.cache: DynamicCache | None = None
+        # For hybrid models: the tokens of the last forward and the recurrent states from before it, one per
+        # (linear layer, state index); empty when the last forward needs no snapshot (one token, or no linear layer).
+        self._last_fed: list[int] = []
+        self._recurrent_before: list[tuple[LinearAttentionCacheLayerMixin, int, torch.Tensor]] = []
+
+    @property
+    def cache_length(self) -> int:
+        return self.cache.get_seq_length() if self.cache is not None else 0
+
+    def reset(self) -> None:
+        """Starts a new sequence with an empty cache (the previous one is dropped, so its memory is freed)."""
+        self.cache = DynamicCache(config=self.model.config)
+        # Sliding-window layers and convolution states must keep what they would evict until we know the drafts
+        # were accepted.
+        self.cache.activate_past_recording()
+        self._last_fed, self._recurrent_before = [], []
+
+    def release(self) -> None:
+        """Drops the cache between requests so its memory does not outlive the request."""
+        self.cache = None
+        self._last_fed, self._recurrent_before = [], []
+
+    @torch.inference_mode()
+    def forward(self, token_ids: list[int], logits_for_last: int | None = None) -> TargetOutput:
+        """Appends token_ids to the cache; returns hidden states for all of them and logits for the last
+        `logits_for_last` (all when None, none when 0)."""
+        self._snapshot_recurrent_states(token_ids)
+        hidden = self._feed(token_ids)
+        n_logits = len(token_ids) if logits_for_last is None else logits_for_last
+        logits = self.logits(hidden[len(token_ids) - n_logits :]) if n_logits else None
+        return TargetOutput(logits=logits, hidden=hidden)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [n, H] -> logits [n, V] in float32, exactly as the model's own head computes them."""
+        logits = self._lm_head(hidden).float()
+        if self._softcap is not None:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return logits
+
+    @torch.inference_mode()
+    def rollback(self, n_tokens: int) -> None:
+        """Forgets the last n_tokens fed by the last forward (rejected drafts). Called after every verification,
+        with 0 when all drafts were kept: that also trims the states that sliding-window layers and convolution
+        states held back for a possible rollback."""
+        if n_tokens == 0 or not self._recurrent_before:
+            self.cache.crop(-n_tokens)
+            return
+        # Hybrid: cut every layer back to before the last forward (attention keys/values and convolution states
+        # crop exactly), put the recurrent states back, then feed the accepted tokens again.
+        accepted = self._last_fed[: len(self._last_fed) - n_tokens]
+        self.cache.crop(-len(self._last_fed))
+        for layer, state_index, before in self._recurrent_before:
+            layer.recurrent_states[state_index].copy_(before)
+        self._recurrent_before = []
+        if accepted:
+            self._feed(accepted)
+        self.cache.crop(0)
+
+    def key_value_states(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read-only view of one attention layer's cached keys and values ([1, kv_heads, n, head_dim] each), for
+        drafters that attend to the target's cache. Between steps they cover every committed token but the last
+        (a sliding-window layer: only the last window - 1 of them)."""
+        layer = self.cache.layers[layer_index]
+        return layer.keys, layer.values
+
+    def _feed(self, token_ids: list[int]) -> torch.Tensor:
+        """Runs the decoder over token_ids on top of the cache; returns the final hidden states [n, H]."""
+        input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
+        return self._decoder(input_ids=input_ids, cache=self.cache, use_cache=True).last_hidden_state[0]
+
+    def _linear_layers(self) -> list[LinearAttentionCacheLayerMixin]:
+        return [layer for layer in self.cache.layers if isinstance(layer, LinearAttentionCacheLayerMixin)]
+
+    def _snapshot_recurrent_states(self, token_ids: list[int]) -> None:
+        """Keeps a copy of every recurrent state before a forward that may be partly rolled back. A single token
+        (plain decoding, or a step without drafts) is never rolled back, and the prefill has no state yet."""
+        self._last_fed = list(token_ids)
+        self._recurrent_before = [
+            (layer, index, layer.recurrent_states[index].clone())
+            for layer in (self._linear_layers() if len(token_ids) > 1 else [])
+            for index, initialized in layer.is_recurrent_states_initialized.items()
+            if initialized
+        ]

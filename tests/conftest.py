@@ -1,0 +1,28 @@
+"""Shared fixtures. Keep each self-contained and say what it costs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.loading import CACHE_DIR_ENV, LoadedModel, load_model
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mtp_mcp_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every test runs with MTP_MCP_CACHE_DIR in one session tmp dir: the user's own cache is never read or written."""
+    with pytest.MonkeyPatch.context() as patch:
+        path = tmp_path_factory.mktemp("mtp-mcp-cache")
+        patch.setenv(CACHE_DIR_ENV, str(path))
+        yield path
+
+
+@pytest.fixture(scope="session")
+def embedded_model(mtp_mcp_cache_dir: Path) -> LoadedModel:
+    """The embedded Gemma 3 270M on CPU in float32, shared by the whole session: do not modify it.
+
+    The first use converts the GGUF into the session cache (~2 min and ~3.4 GB RAM on 2 cores); after that,
+    load_model(None) anywhere in the session reads the converted copy (~10 s).
+    """
+    return load_model(None, device="cpu", dtype="float32")

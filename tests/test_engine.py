@@ -1,0 +1,171 @@
+"""The resident engine: FIFO worker, bounded queue, failures isolated, bad input refused with one sentence."""
+
+import threading
+
+import pytest
+import torch
+
+from engine.drafters import create_drafter
+from engine.drafters.autoregressive import NoDrafter
+from engine.drafters.prompt_lookup import PromptLookupDrafter
+from engine.engine import Engine
+from engine.errors import EngineBusyError, EngineClosedError, EngineError, InvalidRequestError
+from engine.loading import LoadedModel
+from engine.request import GenerationRequest
+from tiny_models import tiny_gemma3, train_tiny_tokenizer
+
+TOKENIZER = train_tiny_tokenizer()
+PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox"
+
+
+def tiny_loaded(context: int = 512) -> LoadedModel:
+    model = tiny_gemma3(seed=0, context=context)
+    return LoadedModel(model, TOKENIZER, "tiny", "memory", torch.device("cpu"), torch.float32, context)
+
+
+@pytest.fixture
+def engine():
+    engine = Engine(tiny_loaded(), PromptLookupDrafter(4), max_queued_requests=2)
+    yield engine
+    engine.close()
+
+
+def test_generate_returns_text_tokens_and_stats(engine):
+    result = engine.generate(GenerationRequest(PROMPT, max_new_tokens=12))
+    assert len(result.token_ids) == 12 and result.finish_reason == "length"
+    assert result.text == TOKENIZER.decode(result.token_ids)
+    assert result.stats.drafter == "ngram" and result.stats.prompt_tokens == len(TOKENIZER(PROMPT)["input_ids"])
+    assert engine.totals_snapshot()["requests"] == 1
+
+
+class GateDrafter(NoDrafter):
+    """Holds each request at its start until released, so tests can fill the queue behind it."""
+
+    def __init__(self):
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.fail_next = False
+
+    def begin(self, prompt_ids, sampling, generator):
+        self.entered.set()
+        assert self.release.wait(30)
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("drafter bug")
+
+
+@pytest.fixture
+def gated():
+    drafter = GateDrafter()
+    engine = Engine(tiny_loaded(), drafter, max_queued_requests=2)
+    yield engine, drafter
+    drafter.release.set()
+    engine.close()
+
+
+def test_a_full_queue_fails_at_once_and_the_engine_keeps_serving(gated):
+    engine, drafter = gated
+    running = engine.submit(GenerationRequest(PROMPT, max_new_tokens=4))
+    assert drafter.entered.wait(30)
+    queued = [engine.submit(GenerationRequest(PROMPT, max_new_tokens=2)) for _ in range(2)]
+    with pytest.raises(EngineBusyError, match="busy"):
+        engine.submit(GenerationRequest(PROMPT, max_new_tokens=2))
+    drafter.release.set()
+    assert running.result(30).finish_reason == "length"
+    assert all(h.result(30).finish_reason == "length" for h in queued)
+
+
+def test_a_failing_request_is_reported_and_the_next_one_runs(gated):
+    engine, drafter = gated
+    drafter.fail_next = True
+    drafter.release.set()
+    with pytest.raises(EngineError, match="drafter bug"):
+        engine.generate(GenerationRequest(PROMPT, max_new_tokens=4))
+    assert engine.generate(GenerationRequest(PROMPT, max_new_tokens=4)).finish_reason == "length"
+
+
+def test_cancel_before_start_returns_cancelled(gated):
+    engine, drafter = gated
+    engine.submit(GenerationRequest(PROMPT, max_new_tokens=2))
+    assert drafter.entered.wait(30)
+    waiting = engine.submit(GenerationRequest(PROMPT, max_new_tokens=50))
+    waiting.cancel()
+    drafter.release.set()
+    assert waiting.result(30).finish_reason == "cancelled"
+
+
+def test_requests_from_many_threads_are_all_answered_in_order(engine):
+    order = []
+    lock = threading.Lock()
+
+    def call(i):
+        handle = engine.submit(GenerationRequest(PROMPT, max_new_tokens=3, stop=()))
+        with lock:
+            order.append((i, handle))
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    results = [handle.result(30) for _, handle in order]
+    assert [len(r.token_ids) for r in results] == [3, 3]
+    assert results[0].token_ids == results[1].token_ids  # same request, same greedy answer
+
+
+def test_cache_memory_is_released_after_each_request(engine):
+    engine.generate(GenerationRequest(PROMPT, max_new_tokens=5))
+    assert engine._target.cache is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"prompt": "   "}, "prompt is empty"),
+        ({"max_new_tokens": 0}, "max_new_tokens is 0"),
+        ({"max_new_tokens": 10**9}, "from 1 to"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_k": -3}, "top_k"),
+        ({"seed": -1}, "seed"),
+        ({"stop": ("",)}, "stop"),
+    ],
+)
+def test_bad_request_values_are_refused_with_one_sentence(fields, message):
+    with pytest.raises(InvalidRequestError, match=message) as error:
+        GenerationRequest(**({"prompt": PROMPT} | fields))
+    assert str(error.value).count(". ") == 0 and "\n" not in str(error.value)
+
+
+def test_prompt_beyond_the_context_is_refused_and_the_engine_keeps_serving():
+    engine = Engine(tiny_loaded(context=64), NoDrafter())
+    try:
+        with pytest.raises(InvalidRequestError, match="beyond the model's context of 64 tokens"):
+            engine.generate(GenerationRequest(PROMPT * 5, max_new_tokens=4))
+        with pytest.raises(InvalidRequestError, match="ask for at most"):
+            engine.generate(GenerationRequest(PROMPT, max_new_tokens=60))
+        assert engine.generate(GenerationRequest(PROMPT, max_new_tokens=4)).finish_reason == "length"
+    finally:
+        engine.close()
+
+
+def test_closed_engine_refuses_new_requests():
+    engine = Engine(tiny_loaded(), NoDrafter())
+    engine.close()
+    with pytest.raises(EngineClosedError):
+        engine.submit(GenerationRequest(PROMPT))
+
+
+@pytest.mark.parametrize(
+    ("name", "draft_model", "num", "message"),
+    [
+        ("medusa", None, 4, "unknown drafter 'medusa'"),
+        ("ngram", None, 0, "num_draft_tokens is 0"),
+        ("draft-model", None, 4, "needs --draft-model"),
+        ("ngram", "some/model", 4, "only used with"),
+    ],
+)
+def test_bad_drafter_choices_are_refused(name, draft_model, num, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        create_drafter(name, tiny_loaded(), draft_model, num)

@@ -1,0 +1,325 @@
+"""engine.loading: devices, dtypes, every kind of model source, the GGUF conversion cache, and the embedded default."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import gguf
+import pytest
+import torch
+from tiny_checkpoints import build_tiny_checkpoint
+from tiny_models import train_tiny_tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+from engine import loading
+from engine.errors import InvalidRequestError, ModelLoadError
+from engine.loading import EMBEDDED_NAME, LoadedModel, load_model, resolve_device, resolve_dtype
+
+PROMPT = "The quick brown fox jumps over the lazy dog. def add(a, b):\n    return a + b\n"
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("engine.loading tried to reach the network")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny-gemma", context_length=384)
+
+
+def logits(loaded: LoadedModel, text: str = PROMPT) -> torch.Tensor:
+    ids = loaded.tokenizer(text, return_tensors="pt").input_ids.to(loaded.device)
+    with torch.no_grad():
+        return loaded.model(ids).logits
+
+
+# --- devices and dtypes -------------------------------------------------------------------------------------------
+
+
+def test_resolve_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(InvalidRequestError, match="^device 'cuda' was asked for but CUDA is not available"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match="^device is 'tpu'; it must be one of: auto, cpu, cuda, cuda:N$"):
+        resolve_device("tpu")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+
+
+def test_resolve_dtype() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_dtype("auto", cpu) == torch.float32
+    assert resolve_dtype("auto", cuda) == torch.bfloat16
+    assert resolve_dtype("float32", cuda) == torch.float32
+    assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    assert resolve_dtype("float16", cpu) == torch.float16
+    with pytest.raises(ValueError, match="^dtype is 'fp16'; it must be one of: auto, float32, bfloat16, float16$"):
+        resolve_dtype("fp16", cpu)
+
+
+# --- local directories and hub ids --------------------------------------------------------------------------------
+
+
+def test_loads_a_local_directory(tiny_dir: Path, no_network: None) -> None:
+    loaded = load_model(str(tiny_dir), device="cpu")
+    assert (loaded.name, loaded.path) == ("tiny-gemma", str(tiny_dir))
+    assert (loaded.device, loaded.dtype, loaded.context_length) == (torch.device("cpu"), torch.float32, 384)
+    assert isinstance(loaded.model, Gemma3ForCausalLM) and not loaded.model.training
+    assert all(p.dtype == torch.float32 and not p.requires_grad for p in loaded.model.parameters())
+    saved = AutoTokenizer.from_pretrained(tiny_dir)
+    assert loaded.tokenizer(PROMPT).input_ids == saved(PROMPT).input_ids
+
+    half = load_model(str(tiny_dir), device="cpu", dtype="bfloat16", progress=False)
+    assert half.dtype == torch.bfloat16 and all(p.dtype == torch.bfloat16 for p in half.model.parameters())
+
+
+def test_default_attention_is_sdpa_and_greedy_matches_eager(tiny_dir: Path) -> None:
+    # The prompt is longer than the tiny model's sliding window (8), so the sliding-window masks are exercised too.
+    loaded = load_model(str(tiny_dir), device="cpu", progress=False)
+    assert loaded.model.config._attn_implementation == "sdpa"
+    eager = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    ids = loaded.tokenizer(PROMPT, return_tensors="pt").input_ids
+    greedy = {"max_new_tokens": 40, "min_new_tokens": 40, "do_sample": False}
+    assert torch.equal(loaded.model.generate(ids, **greedy), eager.generate(ids, **greedy))
+
+
+def test_missing_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(ModelLoadError, match=f"^model path '{missing}' does not exist; pass a local model directory"):
+        load_model(str(missing), device="cpu")
+
+
+def test_directory_without_config(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="has no config.json"):
+        load_model(str(tmp_path), device="cpu")
+
+
+def test_unreadable_checkpoint_is_a_model_load_error(tiny_dir: Path, tmp_path: Path) -> None:
+    broken = shutil.copytree(tiny_dir, tmp_path / "broken")
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ModelLoadError, match=f"^could not load model '{broken}': "):
+        load_model(str(broken), device="cpu")
+
+
+def fake_hub_cache(monkeypatch: pytest.MonkeyPatch, root: Path) -> Path:
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(root))
+    return root
+
+
+def test_hub_id_not_in_local_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, no_network: None) -> None:
+    fake_hub_cache(monkeypatch, tmp_path)
+    with pytest.raises(ModelLoadError) as error:
+        load_model("some-org/some-model", device="cpu")
+    assert str(error.value) == (
+        "model 'some-org/some-model' is not a local path and not in the local Hugging Face cache, and mtp-mcp never "
+        "downloads at run time; download it first with `hf download some-org/some-model` or pass a local path"
+    )
+
+
+def test_hub_id_in_local_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, no_network: None) -> None:
+    repo = fake_hub_cache(monkeypatch, tmp_path) / "models--some-org--tiny"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = build_tiny_checkpoint(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+    loaded = load_model("some-org/tiny", device="cpu")
+    assert (loaded.name, Path(loaded.path)) == ("some-org/tiny", snapshot)
+
+    (snapshot / "config.json").unlink()
+    with pytest.raises(ModelLoadError, match="holds only part of 'some-org/tiny'"):
+        load_model("some-org/tiny", device="cpu")
+
+
+# --- GGUF files and the conversion cache --------------------------------------------------------------------------
+
+
+def write_tiny_gguf(path: Path) -> Gemma3ForCausalLM:
+    """A float32 Gemma 3 GGUF as llama.cpp writes it (norms stored as 1 + weight), and the model it holds."""
+    tokenizer = train_tiny_tokenizer()
+    # 6 layers, so that transformers' default Gemma 3 layer pattern (5 sliding, 1 full) matches the model: GGUF
+    # metadata does not record it.
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sliding_window=8, max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(config).eval()
+
+    writer = gguf.GGUFWriter(path, "gemma3")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_parameters["full_attention"]["rope_theta"])
+    writer.add_sliding_window(config.sliding_window)
+
+    tokens = sorted(tokenizer.get_vocab(), key=tokenizer.get_vocab().get)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in tokenizer.all_special_tokens else 1 for t in tokens])  # 3: control
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    writer.add_token_merges([" ".join(merge) for merge in merges])
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_add_bos_token(True)
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, config.num_hidden_layers)
+    for name, tensor in model.state_dict().items():
+        if name != "lm_head.weight":  # tied to the embedding
+            array = tensor.numpy() + (1 if name.endswith("norm.weight") else 0)
+            writer.add_tensor(names.get_name(name, try_suffixes=(".weight",)), array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return model
+
+
+def test_gguf_is_converted_once_and_then_read_from_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str], no_network: None,
+) -> None:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(loading.CACHE_DIR_ENV, str(cache))
+    gguf_file = tmp_path / "tiny.gguf"
+    original = write_tiny_gguf(gguf_file)
+    caplog.set_level(logging.INFO, logger="engine.loading")
+
+    first = load_model(str(gguf_file), device="cpu")
+    assert first.name == "tiny.gguf"
+    assert Path(first.path).parent == cache / "converted-v1" and first.context_length == 256
+    assert os.listdir(cache / "converted-v1") == [Path(first.path).name]  # no scratch left behind
+    assert any(m.startswith("converting tiny.gguf") for m in caplog.messages)
+    assert first.tokenizer(PROMPT).input_ids[0] == first.tokenizer.bos_token_id
+    assert first.model.generation_config.eos_token_id == [first.tokenizer.eos_token_id]
+    ids = first.tokenizer(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(logits(first), original(ids).logits)
+    assert capfd.readouterr().out == ""  # stdout carries the MCP protocol
+
+    def no_conversion(gguf: Path, out: Path) -> None:
+        raise AssertionError("converted again although the cache holds the conversion")
+
+    caplog.clear()
+    with monkeypatch.context() as patch:
+        patch.setattr(loading, "_convert", no_conversion)
+        second = load_model(str(gguf_file), device="cpu", progress=False)
+    assert second.path == first.path and torch.equal(logits(second), logits(first))
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO]  # progress=False: quiet
+
+    os.utime(gguf_file, ns=(0, 0))  # a changed file converts again, into a new cache entry
+    assert load_model(str(gguf_file), device="cpu", progress=False).path != first.path
+
+
+def test_failed_conversion_leaves_nothing_in_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(loading.CACHE_DIR_ENV, str(cache))
+    gguf_file = tmp_path / "tiny.gguf"
+    write_tiny_gguf(gguf_file)
+
+    def crash_mid_save(gguf: Path, out: Path) -> None:
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+        raise RuntimeError("killed mid-save")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loading, "_convert", crash_mid_save)
+        with pytest.raises(ModelLoadError, match=f"^could not load model '{gguf_file}': killed mid-save$"):
+            load_model(str(gguf_file), device="cpu")
+    assert os.listdir(cache / "converted-v1") == []
+    assert load_model(str(gguf_file), device="cpu").name == "tiny.gguf"
+
+
+def test_conversion_that_loses_a_race_uses_the_winners_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(loading.CACHE_DIR_ENV, str(cache))
+    gguf_file = tmp_path / "tiny.gguf"
+    write_tiny_gguf(gguf_file)
+    convert = loading._convert
+
+    def another_process_finishes_first(gguf: Path, out: Path) -> None:
+        convert(gguf, out)
+        scratch = out.parent  # named ".<key>.<random>", next to the target "<key>"
+        shutil.copytree(out, scratch.parent / scratch.name[1:].rsplit(".", 1)[0])
+
+    monkeypatch.setattr(loading, "_convert", another_process_finishes_first)
+    loaded = load_model(str(gguf_file), device="cpu")
+    assert os.listdir(cache / "converted-v1") == [Path(loaded.path).name]
+
+
+# --- the embedded default (converted once per session, see conftest.embedded_model) -------------------------------
+
+# What the tokenizer read straight from the GGUF gives (checked against the converted copy when these were recorded).
+GGUF_TOKEN_IDS = {
+    "The capital of France is": [2, 818, 5279, 529, 7001, 563],
+    "def fib(n):\n    return n if n < 2 else fib(n-1) + fib(n-2)\n": [
+        2, 2063, 10779, 236769, 236749, 1473, 107, 140, 2060, 538, 768, 538, 655, 236743, 236778, 1663, 10779,
+        236769, 236749, 236772, 236770, 236768, 900, 10779, 236769, 236749, 236772, 236778, 236768, 107,
+    ],
+    "Grüße, 你好, 🙂🚀 naïve café — “quotes”": [
+        2, 9322, 236959, 16756, 236764, 43758, 237389, 236764, 57235, 242015, 120362, 33443, 2192, 999, 52231, 236919,
+    ],
+    "  leading spaces\tand\ttabs\n\n\nnewlines": [2, 138, 26016, 9952, 255968, 624, 255968, 39218, 109, 208697],
+    "<start_of_turn>user\nhi<end_of_turn>\n": [2, 105, 2364, 107, 2202, 106, 107],
+}
+
+
+def test_embedded_default(embedded_model: LoadedModel, mtp_mcp_cache_dir: Path) -> None:
+    loaded = embedded_model
+    assert (loaded.name, loaded.device, loaded.dtype) == (EMBEDDED_NAME, torch.device("cpu"), torch.float32)
+    assert loaded.context_length == 32768
+    assert Path(loaded.path).parent == mtp_mcp_cache_dir / "converted-v1"
+    assert sum(p.numel() for p in loaded.model.parameters()) == 268_098_176
+    assert loaded.model.generation_config.eos_token_id == [1, 106]  # <eos>, <end_of_turn>
+
+    tokenizer = loaded.tokenizer
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, len(tokenizer)) == (2, 1, 0, 262144)
+    assert tokenizer.chat_template is None  # a base model
+    for text, ids in GGUF_TOKEN_IDS.items():
+        assert tokenizer(text).input_ids == ids
+        if "<start_of_turn>" not in text:
+            assert tokenizer.decode(ids, skip_special_tokens=True) == text
+
+    # Real weights, not garbage: plain English costs a few nats per token (uniform would be ln 262144 = 12.5).
+    ids = tokenizer("The cat sat on the mat. It was a sunny day, and the children played in the park.",
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert loaded.model(ids, labels=ids).loss < 4
+
+
+def test_embedded_default_loads_from_the_cache(
+    embedded_model: LoadedModel, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    def no_conversion(gguf: Path, out: Path) -> None:
+        raise AssertionError("converted again although the cache holds the conversion")
+
+    monkeypatch.setattr(loading, "_convert", no_conversion)
+    again = load_model(None, device="cpu", dtype="float32")
+    assert again.path == embedded_model.path
+    assert torch.equal(logits(again, "The capital of France is"), logits(embedded_model, "The capital of France is"))
+    assert capfd.readouterr().out == ""
