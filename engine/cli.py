@@ -25,7 +25,7 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", help="local model directory, .gguf file, or hub id already in the local cache "
                        "(default: the embedded Gemma 3 270M)")
     group.add_argument("--drafter", default="auto", help=f"one of {', '.join(DRAFTER_NAMES)} (default: auto)")
-    group.add_argument("--draft-model", help="draft model for --drafter draft-model (same tokenizer as the target)")
+    group.add_argument("--draft-model", help="draft model for --drafter draft-model (same tokenizer as the target), or a Gemma 4 assistant for --drafter mtp")
     group.add_argument("--num-draft-tokens", type=int, default=DEFAULT_NUM_DRAFT_TOKENS,
                        help=f"most tokens drafted per target pass (default: {DEFAULT_NUM_DRAFT_TOKENS})")
     group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

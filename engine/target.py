@@ -8,11 +8,18 @@ Hybrid models (Qwen3.5 / Qwen3.6 / Qwen3-Next: Gated DeltaNet linear attention b
 linear layer, a convolution state (the last few inputs) and a recurrent state (a matrix folded over every token seen).
 Attention keys/values and the convolution state can be cut back token by token (`crop`, with past recording on); the
 recurrent state cannot. So `forward` snapshots the recurrent states before it feeds more than one token, and
-`rollback` of a rejection restores them and feeds the accepted tokens again. Measured on a tiny Qwen3.5 (4 layers,
-3 linear; see the MTP report): snapshot + restore + re-run costs one extra forward of the accepted tokens, only when a
-draft is rejected, and nothing when all are accepted. Keeping per-position states instead needs a Gated DeltaNet
-kernel that emits the state after every position; transformers' kernels (torch and FLA) return only the final state,
-so it would mean replacing the model's kernel from outside.
+`rollback` of a rejection restores them and feeds the accepted tokens again.
+
+Which rollback is cheaper, measured on the tiny Qwen3.5 of tests/mtp_checkpoints.py (3 linear + 1 attention layer,
+CPU, 1 thread, 40-token prefix, 4 drafts, medians of 200 interleaved runs): snapshot + restore + re-run costs 11.7-13.5
+ms per step with a rejection and 8.5 ms with none; keeping per-position recurrent states costs 8.5-8.7 ms either way
+(the verify pass alone: 7.5-8.4 ms; a second run, busier machine: 16.8-20.0, 10.0, 10.5-11.6 and 9.9-10.6 ms;
+script: benchmarks/hybrid_rollback_cost.py). Per-position states are cheaper whenever a draft is rejected: the re-run is a
+second forward over the accepted tokens. They need a Gated DeltaNet kernel that returns the state after every
+position, and transformers' kernels (torch and FLA) return only the final one; the measurement patched a recording
+kernel into transformers' module, which the engine must not do to a model it does not own. Until transformers offers
+such a kernel, the engine snapshots and re-runs: exact, through the public cache API, and at no measurable cost when
+all drafts pass.
 """
 
 from __future__ import annotations
@@ -65,6 +72,10 @@ class TargetModel:
     def forward(self, token_ids: list[int], logits_for_last: int | None = None) -> TargetOutput:
         """Appends token_ids to the cache; returns hidden states for all of them and logits for the last
         `logits_for_last` (all when None, none when 0)."""
+        if self._last_fed:
+            # What the previous forward recorded for a rollback is committed by now (rollback trims it already;
+            # a prefill is never rolled back): trim it before it is concatenated with the new tokens.
+            self.cache.crop(0)
         self._snapshot_recurrent_states(token_ids)
         hidden = self._feed(token_ids)
         n_logits = len(token_ids) if logits_for_last is None else logits_for_last

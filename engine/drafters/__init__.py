@@ -55,7 +55,9 @@ def create_drafter(name: str, target: LoadedModel, draft_model: str | None, num_
             return native
     if name == "draft-model" or draft_model is not None:
         if draft_model is None:
-            raise InvalidRequestError("--drafter draft-model needs --draft-model PATH (a small model with the same tokenizer)")
+            raise InvalidRequestError(
+                "--drafter draft-model needs --draft-model PATH (a small model with the same tokenizer)"
+            )
         if is_gemma4_assistant(draft_model):
             raise InvalidRequestError(
                 f"'{draft_model}' is a Gemma 4 assistant, which reads the target's hidden states and cache; "
