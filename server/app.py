@@ -1,0 +1,177 @@
+"""The MCP surface: three read-only tools and two resources over one resident engine.
+
+Each tool builds a prompt (server.prompts), submits it to the engine and streams the accepted text back as progress
+notifications (server.streaming); summarise adds chunking (server.summarise). Engine errors become tool errors with
+their one-sentence message; nothing else about the server's insides reaches the host.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from importlib.metadata import version
+from typing import Annotated, Literal
+
+from fastmcp import Context, FastMCP
+from fastmcp.exceptions import ToolError
+from fastmcp.server.auth import AuthProvider
+from fastmcp.server.lifespan import lifespan
+from mcp.types import ToolAnnotations
+from pydantic import Field
+
+from engine.engine import Engine
+from engine.errors import EngineError, InvalidRequestError
+from engine.request import GenerationRequest
+from server.prompts import CodeBoundary, Prompt, chat_prompt, continuation_prompt
+from server.resident import LoadedEngine, ResidentEngine
+from server.schemas import (
+    MAX_PROMPT_CHARS,
+    MAX_SUMMARY_INPUT_CHARS,
+    CodeCompletion,
+    GenerationOutput,
+    MaxNewTokens,
+    Messages,
+    PromptText,
+    StopStrings,
+    Summary,
+)
+from server.streaming import ProgressReport, generate_streamed
+from server.summarise import count_words
+from server.summarise import summarise as summarise_text
+
+INSTRUCTIONS = (
+    "Local text generation with a small language model made faster by speculative decoding (multi-token "
+    "prediction). generate continues a prompt or replies to messages; complete_code fills in code at a cursor; "
+    "summarise condenses long text. Generated text arrives early in progress notifications (message = new text) and "
+    "in full in the result, with token counts, speculation statistics and timing."
+)
+READ_ONLY = ToolAnnotations(readOnlyHint=True, destructiveHint=False, idempotentHint=False, openWorldHint=False)
+
+
+@contextmanager
+def engine_errors_as_tool_errors() -> Iterator[None]:
+    """Engine errors carry one sentence meant for the user: pass it on as the tool error."""
+    try:
+        yield
+    except EngineError as error:
+        raise ToolError(str(error)) from None
+
+
+def create_server(engine: Engine | Callable[[], Engine], *, auth: AuthProvider | None = None) -> FastMCP:
+    """engine: a ready engine (tests inject a tiny one; the caller closes it), or a function that loads one, called
+    once in the background when the server starts; that engine is closed when the server stops."""
+
+    @lifespan
+    async def engine_lifespan(server: FastMCP):
+        resident = ResidentEngine(engine)
+        resident.start()
+        try:
+            yield {"engine": resident}
+        finally:
+            await resident.close()
+
+    mcp = FastMCP("mtp-mcp", instructions=INSTRUCTIONS, version=version("mtp-mcp"), lifespan=engine_lifespan,
+                  mask_error_details=True, auth=auth)
+
+    async def loaded_engine(ctx: Context) -> LoadedEngine:
+        return await ctx.lifespan_context["engine"].get()
+
+    def progress_to(ctx: Context, total: int) -> ProgressReport:
+        async def report(tokens: int, delta: str) -> None:
+            await ctx.report_progress(tokens, total, delta)
+
+        return report
+
+    @mcp.tool(annotations=READ_ONLY)
+    async def generate(
+        ctx: Context,
+        prompt: Annotated[PromptText | None, Field(description="text to continue (give this or messages)")] = None,
+        messages: Annotated[Messages | None, Field(description="a conversation to reply to (give this or prompt); "
+                                                   "uses the model's chat template, or a plain transcript")] = None,
+        max_new_tokens: MaxNewTokens = 256,
+        temperature: Annotated[float, Field(ge=0.0, le=2.0, description="0 is greedy (deterministic)")] = 0.0,
+        top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0,
+        top_k: Annotated[int, Field(ge=0, description="0 means no limit")] = 0,
+        seed: Annotated[int | None, Field(ge=0, le=2**63 - 1, description="for reproducible sampling")] = None,
+        stop: StopStrings | None = None,
+    ) -> GenerationOutput:
+        """Generate text with the resident model: continue `prompt`, or reply to `messages`."""
+        with engine_errors_as_tool_errors():
+            if (prompt is None) == (messages is None):
+                raise InvalidRequestError("give exactly one of prompt (text to continue) and messages (a conversation)")
+            loaded = await loaded_engine(ctx)
+            if prompt is not None:
+                built = Prompt(text=prompt, add_special_tokens=True)
+            else:
+                built = chat_prompt(loaded.engine.loaded.tokenizer, messages)
+            request = GenerationRequest(
+                built.text, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                seed=seed, stop=(*(stop or []), *built.stop), add_special_tokens=built.add_special_tokens,
+            )
+            streamed = await generate_streamed(loaded.engine, request, progress_to(ctx, max_new_tokens))
+        return GenerationOutput.build(streamed.text, streamed.finish_reason, streamed.stats)
+
+    @mcp.tool(annotations=READ_ONLY)
+    async def complete_code(
+        ctx: Context,
+        prefix: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS,
+                                     description="the code before the cursor")],
+        suffix: Annotated[str, Field(max_length=MAX_PROMPT_CHARS, description="the code after the cursor")] = "",
+        language: Annotated[str | None, Field(max_length=40, pattern=r"^[\w#+.-]+$", description="e.g. python; a "
+                                              "hint for models without fill-in-the-middle")] = None,
+        max_new_tokens: MaxNewTokens = 128,
+        stop: StopStrings | None = None,
+    ) -> CodeCompletion:
+        """Complete code at a cursor (greedy). With a fill-in-the-middle model the suffix is used; otherwise the
+        prefix is continued and cut where the current block or statement group ends. Returns only the new code."""
+        with engine_errors_as_tool_errors():
+            loaded = await loaded_engine(ctx)
+            if loaded.fim_style is not None:
+                built, text_filter, mode = loaded.fim_style.prompt(prefix, suffix), None, "fill_in_the_middle"
+            else:
+                built, text_filter = continuation_prompt(prefix, suffix, language), CodeBoundary(prefix)
+                mode = "continuation"
+            request = GenerationRequest(built.text, max_new_tokens=max_new_tokens, stop=(*(stop or []), *built.stop),
+                                        add_special_tokens=built.add_special_tokens)
+            streamed = await generate_streamed(loaded.engine, request, progress_to(ctx, max_new_tokens), text_filter)
+        return CodeCompletion.build(streamed.text, streamed.finish_reason, streamed.stats, mode=mode)
+
+    @mcp.tool(annotations=READ_ONLY)
+    async def summarise(
+        ctx: Context,
+        text: Annotated[str, Field(min_length=1, max_length=MAX_SUMMARY_INPUT_CHARS, description="the text to "
+                                   "summarise; beyond the model's context it is summarised in chunks")],
+        style: Annotated[Literal["paragraph", "bullets", "tldr"], Field(description="paragraph, a bulleted list, "
+                                                                       "or one sentence")] = "paragraph",
+        max_words: Annotated[int, Field(ge=10, le=1000, description="most words in the summary")] = 120,
+    ) -> Summary:
+        """Summarise text. Progress counts tokens over all steps; only the final summary's text is streamed."""
+        with engine_errors_as_tool_errors():
+            if not text.strip():
+                raise InvalidRequestError("the text is empty; give some text to summarise")
+            loaded = await loaded_engine(ctx)
+            outcome = await summarise_text(loaded.engine, text, style, max_words, ctx.report_progress)
+        return Summary.build(outcome.text, outcome.finish_reason, outcome.stats, chunks=outcome.chunks,
+                             words=count_words(outcome.text))
+
+    @mcp.resource("engine://model", mime_type="application/json",
+                  description="the loaded model: name, device, dtype, context length, drafter")
+    def model_info(ctx: Context) -> dict:
+        resident: ResidentEngine = ctx.lifespan_context["engine"]
+        if (loaded := resident.ready()) is None:
+            return {"status": resident.state, "error": resident.load_error}
+        fim = loaded.fim_style.name if loaded.fim_style else None
+        return {"status": "ready", **loaded.engine.info, "fill_in_the_middle": fim}
+
+    @mcp.resource("engine://stats", mime_type="application/json",
+                  description="totals since the server started: requests, tokens, acceptance, tokens/s")
+    def engine_stats(ctx: Context) -> dict:
+        resident: ResidentEngine = ctx.lifespan_context["engine"]
+        uptime = round(time.time() - resident.started_at, 1)
+        if (loaded := resident.ready()) is None:
+            return {"status": resident.state, "uptime_s": uptime}
+        return {"status": "ready", "uptime_s": uptime, **loaded.engine.totals_snapshot()}
+
+    return mcp
+

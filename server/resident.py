@@ -1,0 +1,103 @@
+"""The server's one engine: loaded in the background when the server starts, shared by every client, closed at
+shutdown.
+
+Loading takes seconds (minutes the first time the embedded model is converted), longer than hosts wait for a server
+to start, so the server answers at once (tool lists, resources) while a thread loads the model; tool calls wait for
+it. A load failure is logged and every tool call then reports it: the server stays up to say what is wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Literal
+
+import anyio
+
+from engine.engine import Engine
+from engine.errors import EngineError, ModelLoadError
+from engine.request import GenerationRequest
+from server.prompts import FimStyle, detect_fim_style
+
+log = logging.getLogger(__name__)
+
+# A few tokens through the whole path (prefill, drafting, verification, detokenization) before the first real call,
+# so it does not pay for first-use allocations.
+WARM_UP_REQUEST = GenerationRequest("Hello", max_new_tokens=4)
+
+
+class LoadedEngine:
+    """An engine that is ready, with what the tools need to know about its tokenizer, computed once."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.fim_style: FimStyle | None = detect_fim_style(lambda text: engine.encode(text, add_special_tokens=False))
+
+
+class ResidentEngine:
+    def __init__(self, source: Engine | Callable[[], Engine]):
+        """source: a ready engine (the caller keeps ownership and closes it), or a function that loads one (called
+        once, in a background thread; the engine it returns is warmed up here and closed by close())."""
+        self._source = source
+        self._owned = not isinstance(source, Engine)
+        self._loaded: Future[LoadedEngine] = Future()
+        # Running from the start: a cancelled waiter must never cancel the shared load.
+        self._loaded.set_running_or_notify_cancel()
+        self.started_at = time.time()
+
+    def start(self) -> None:
+        if self._owned:
+            threading.Thread(target=self._load, name="mtp-load", daemon=True).start()
+        else:
+            self._loaded.set_result(LoadedEngine(self._source))
+
+    @property
+    def state(self) -> Literal["loading", "ready", "failed"]:
+        if not self._loaded.done():
+            return "loading"
+        return "failed" if self._loaded.exception() is not None else "ready"
+
+    @property
+    def load_error(self) -> str | None:
+        return str(self._loaded.exception()) if self.state == "failed" else None
+
+    def ready(self) -> LoadedEngine | None:
+        """The engine if it is ready now, without waiting."""
+        return self._loaded.result() if self.state == "ready" else None
+
+    async def get(self) -> LoadedEngine:
+        """Waits for the engine (without blocking the event loop); raises ModelLoadError if it could not be loaded."""
+        return await asyncio.wrap_future(self._loaded)
+
+    async def close(self) -> None:
+        """Closes an engine this object loaded: the request in progress finishes, queued ones are refused."""
+        if not self._owned:
+            return
+        if not self._loaded.done():
+            log.warning("shutting down while the model is still loading")
+            return
+        if (loaded := self.ready()) is not None:
+            await anyio.to_thread.run_sync(loaded.engine.close)
+
+    def _load(self) -> None:
+        started = time.perf_counter()
+        try:
+            engine = self._source()
+        except Exception as error:
+            if not isinstance(error, EngineError):
+                log.exception("loading the model failed")
+            message = f"the model could not be loaded: {error}"
+            log.error("%s; tool calls will report this", message)
+            self._loaded.set_exception(ModelLoadError(message))
+            return
+        try:
+            engine.generate(WARM_UP_REQUEST)
+        except EngineError as error:
+            # The engine itself is up; the first real call will show whether it works.
+            log.warning("the warm-up generation failed: %s", error)
+        log.info("model ready in %.1f s", time.perf_counter() - started)
+        self._loaded.set_result(LoadedEngine(engine))

@@ -1,0 +1,67 @@
+"""Tiny random checkpoints on disk (model + tokenizer), loadable like any local model directory.
+
+`build_tiny_checkpoint(path)` writes a ~0.5 MB model with a real byte-level BPE tokenizer that adds <bos>, so every
+path that loads a directory (engine.loading, the server, the CLI) can be exercised in seconds, offline. The weights are
+random: generations are gibberish, which is all plumbing tests need. Variants: a chat template, fill-in-the-middle
+special tokens, Gemma 3 or Llama architecture.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from tokenizers.processors import TemplateProcessing
+
+from tiny_models import VOCAB, tiny_gemma3, tiny_llama, train_tiny_tokenizer
+
+# Gemma's turn markup, so templated prompts start with <bos> and the tokenizer must not add a second one.
+GEMMA_STYLE_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<start_of_turn>{{ message['role'] }}\n"
+    "{{ message['content'] }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+CHAT_TOKENS = ["<start_of_turn>", "<end_of_turn>"]
+# The Qwen2.5-Coder / CodeGemma spelling; <|file_separator|> is CodeGemma's end-of-infill marker.
+FIM_TOKENS = ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|file_separator|>"]
+
+
+def build_tiny_checkpoint(
+    path: str | Path,
+    *,
+    arch: Literal["gemma3", "llama"] = "gemma3",
+    chat_template: str | None = None,
+    fim: bool = False,
+    vocab_size: int = VOCAB,
+    context_length: int = 512,
+    seed: int = 0,
+) -> Path:
+    """Saves a tiny random model and its tokenizer to `path` (created if needed) and returns the path.
+
+    vocab_size is the BPE vocabulary (bytes, merges and <bos>/<eos>/<pad>); the chat and FIM special tokens come on
+    top, and the model's embedding matches the final tokenizer length. context_length is max_position_embeddings.
+    """
+    path = Path(path)
+    tokenizer = train_tiny_tokenizer(vocab_size)
+    special = (CHAT_TOKENS if chat_template else []) + (FIM_TOKENS if fim else [])
+    if special:
+        tokenizer.add_special_tokens({"additional_special_tokens": special})
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    bos = tokenizer.bos_token_id
+    # Real tokenizers (Gemma, Llama) put <bos> in front when add_special_tokens=True; the trained one does not.
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos)]
+    )
+
+    builders = {"gemma3": tiny_gemma3, "llama": tiny_llama}
+    if arch not in builders:
+        raise ValueError(f"arch is {arch!r}; it must be one of {', '.join(builders)}")
+    model = builders[arch](seed, context_length)
+    # The added chat/FIM tokens need rows in the embedding (and the tied output layer).
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
