@@ -16,11 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.cpu_kernels import use_cpu_kernels
 from engine.decode import TextCallback, generate
-from engine.drafters import create_drafter
+from engine.drafters import check_drafter_choice, create_drafter
 from engine.drafters.base import Drafter
 from engine.errors import EngineBusyError, EngineClosedError, EngineError, InvalidRequestError
-from engine.loading import LoadedModel, load_model
+from engine.loading import LoadedModel, check_source, load_model, resolve_device, resolve_dtype
 from engine.request import GenerationRequest, GenerationResult
 from engine.stats import EngineTotals, GenerationStats
 from engine.target import TargetModel
@@ -39,6 +40,17 @@ class EngineOptions:
     device: str = "auto"
     dtype: str = "auto"
     max_queued_requests: int = 16
+
+
+def check_options(options: EngineOptions) -> None:
+    """Everything about the options that can be checked without loading a model; raises the one-sentence error."""
+    resolve_dtype(options.dtype, resolve_device(options.device))
+    check_drafter_choice(options.drafter, options.draft_model, options.num_draft_tokens)
+    check_source(options.model)
+    if options.draft_model is not None:
+        check_source(options.draft_model)
+    if options.max_queued_requests < 1:
+        raise InvalidRequestError(f"max_queued_requests is {options.max_queued_requests}; it must be at least 1")
 
 
 class GenerationHandle:
@@ -76,6 +88,10 @@ class Engine:
     @classmethod
     def load(cls, options: EngineOptions) -> Engine:
         loaded = load_model(options.model, device=options.device, dtype=options.dtype)
+        # CPU speed-up (engine/cpu_kernels.py): a prepacked copy of the output layer makes verifying several drafted
+        # positions cost about as much as one; a no-op unless the model is float32 on CPU. Done before the drafter
+        # is built, so drafters that share the target's output layer get it too.
+        use_cpu_kernels(loaded.model)
         drafter = create_drafter(options.drafter, loaded, options.draft_model, options.num_draft_tokens)
         log.info("engine ready: %s on %s (%s), drafter %s", loaded.name, loaded.device, loaded.dtype, drafter.name)
         return cls(loaded, drafter, options.max_queued_requests)

@@ -108,6 +108,13 @@ def load_model(source: str | None, device: str = "auto", dtype: str = "auto", *,
     return LoadedModel(model, tokenizer, name, str(path), torch_device, torch_dtype, context_length)
 
 
+def check_source(source: str | None) -> None:
+    """Raises the ModelLoadError that load_model would, if `source` cannot be found; loads and converts nothing
+    (so a server can refuse a bad --model before it starts, not minutes later)."""
+    if source and not (Path(source).expanduser().is_file() and source.endswith(".gguf")):
+        _locate(source, log.debug)
+
+
 def _locate(source: str | None, say: Callable[..., None]) -> tuple[str, Path]:
     """(name, a local directory holding config.json, weights and tokenizer) for `source`."""
     if not source:

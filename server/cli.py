@@ -14,7 +14,7 @@ from dataclasses import replace
 from functools import partial
 
 from engine.cli import add_engine_options, engine_options
-from engine.engine import Engine
+from engine.engine import Engine, check_options
 from engine.errors import InvalidRequestError
 
 TOKEN_ENV = "MTP_MCP_TOKEN"
@@ -46,8 +46,8 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     # Checked before anything slow starts; each problem is one sentence (main() exits with status 2).
     token = args.auth_token or os.environ.get(TOKEN_ENV) or None
-    if args.max_queued_requests < 1:
-        raise InvalidRequestError(f"--max-queued-requests is {args.max_queued_requests}; it must be at least 1")
+    options = replace(engine_options(args), max_queued_requests=args.max_queued_requests)
+    check_options(options)
     if args.transport == "http":
         if not 1 <= args.port <= 65535:
             raise InvalidRequestError(f"--port is {args.port}; it must be from 1 to 65535")
@@ -66,7 +66,6 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from server.app import create_server
 
-    options = replace(engine_options(args), max_queued_requests=args.max_queued_requests)
     auth = None
     if args.transport == "http" and token is not None:
         auth = StaticTokenVerifier(tokens={token: {"client_id": "mtp-mcp-client", "scopes": []}})

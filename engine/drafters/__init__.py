@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 DRAFTER_NAMES = ("auto", "none", "ngram", "draft-model", "mtp")
 MAX_NUM_DRAFT_TOKENS = 16
 
-__all__ = ["DRAFTER_NAMES", "Draft", "DraftContext", "Drafter", "create_drafter"]
+__all__ = ["DRAFTER_NAMES", "Draft", "DraftContext", "Drafter", "check_drafter_choice", "create_drafter"]
 
 # Per family of in-checkpoint MTP: (MTP layers the config declares, names of their tensors, loader).
 _MTP_FAMILIES: tuple[tuple[Callable, Callable[[LoadedModel], Pattern], Callable[[LoadedModel, int], Drafter]], ...] = (
@@ -36,7 +36,8 @@ _MTP_FAMILIES: tuple[tuple[Callable, Callable[[LoadedModel], Pattern], Callable[
 )
 
 
-def create_drafter(name: str, target: LoadedModel, draft_model: str | None, num_draft_tokens: int) -> Drafter:
+def check_drafter_choice(name: str, draft_model: str | None, num_draft_tokens: int) -> None:
+    """The checks that need no model: raises InvalidRequestError, one sentence, for a choice that cannot work."""
     if name not in DRAFTER_NAMES:
         raise InvalidRequestError(f"unknown drafter '{name}'; choose one of: {', '.join(DRAFTER_NAMES)}")
     if not isinstance(num_draft_tokens, int) or not 1 <= num_draft_tokens <= MAX_NUM_DRAFT_TOKENS:
@@ -47,6 +48,10 @@ def create_drafter(name: str, target: LoadedModel, draft_model: str | None, num_
         raise InvalidRequestError(
             f"--draft-model is only used with --drafter draft-model, mtp (a Gemma 4 assistant) or auto, not '{name}'"
         )
+
+
+def create_drafter(name: str, target: LoadedModel, draft_model: str | None, num_draft_tokens: int) -> Drafter:
+    check_drafter_choice(name, draft_model, num_draft_tokens)
     if name == "none":
         return NoDrafter()
     if name in ("mtp", "auto"):

