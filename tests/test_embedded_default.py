@@ -6,8 +6,7 @@ import pytest
 
 from engine.cli import main
 from engine.drafters.autoregressive import NoDrafter
-from engine.drafters.prompt_lookup import PromptLookupDrafter
-from engine.engine import Engine
+from engine.engine import Engine, EngineOptions
 from engine.request import GenerationRequest
 
 PROMPTS = [
@@ -20,7 +19,10 @@ NEW_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def engines(embedded_model):
-    plain, lookup = Engine(embedded_model, NoDrafter()), Engine(embedded_model, PromptLookupDrafter(4))
+    """plain: the shared model as transformers loads it, decoding one token per pass. lookup: loaded the way the CLI
+    and server load it (Engine.load: CPU kernels on, ngram drafter), a separate copy from the converted cache."""
+    plain = Engine(embedded_model, NoDrafter())
+    lookup = Engine.load(EngineOptions(drafter="ngram", num_draft_tokens=4, device="cpu", dtype="float32"))
     yield plain, lookup
     plain.close()
     lookup.close()
