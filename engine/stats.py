@@ -33,6 +33,17 @@ class GenerationStats:
             self.proposed_at[i] += 1
             self.accepted_at[i] += i < accepted
 
+    def add(self, other: GenerationStats) -> None:
+        """Adds another generation's counts and times to these (for one answer made of several generations).
+        The drafter and the time to first token stay this one's."""
+        for name in ("prompt_tokens", "new_tokens", "target_passes", "draft_tokens_proposed", "draft_tokens_accepted",
+                     "prefill_time_s", "drafting_time_s", "verifying_time_s", "total_time_s"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for mine, theirs in ((self.proposed_at, other.proposed_at), (self.accepted_at, other.accepted_at)):
+            mine.extend([0] * (len(theirs) - len(mine)))
+            for i, count in enumerate(theirs):
+                mine[i] += count
+
     @property
     def mean_tokens_per_pass(self) -> float:
         """New tokens per target pass: 1.0 for plain decoding, up to k+1 with k drafts."""

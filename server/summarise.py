@@ -229,13 +229,5 @@ def combine_stats(parts: list[GenerationStats]) -> GenerationStats:
     """The statistics of several generations as one: counts and times add up; time to first token is the first's."""
     combined = GenerationStats(drafter=parts[0].drafter, time_to_first_token_s=parts[0].time_to_first_token_s)
     for part in parts:
-        combined.prompt_tokens += part.prompt_tokens
-        combined.new_tokens += part.new_tokens
-        combined.target_passes += part.target_passes
-        combined.draft_tokens_proposed += part.draft_tokens_proposed
-        combined.draft_tokens_accepted += part.draft_tokens_accepted
-        combined.prefill_time_s += part.prefill_time_s
-        combined.drafting_time_s += part.drafting_time_s
-        combined.verifying_time_s += part.verifying_time_s
-        combined.total_time_s += part.total_time_s
+        combined.add(part)
     return combined
