@@ -5,8 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from engine.loading import CACHE_DIR_ENV, LoadedModel, load_model
+
+# The tiny test models do microsecond-sized matmuls, where a second intra-op thread only adds synchronisation: with
+# anything else running on a 2-core machine (the stdio server subprocess, say) its spin-waits made a tiny-model test
+# 20x slower (285 s vs 13 s measured). The embedded-model tests, which would gain from two, are a small part.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)

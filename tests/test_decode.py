@@ -198,15 +198,15 @@ def test_speculative_sampling_end_to_end_matches_the_target_distribution():
     own (top-k filtered) distribution at the end of the prompt."""
     model = tiny_gemma3(seed=0)
     prompt_ids = TOKENIZER(PROMPTS[0])["input_ids"]
-    params = SamplingParams(temperature=1.5, top_k=4)
+    params = SamplingParams(temperature=1.5, top_k=3)
     with torch.inference_mode():
         p = probabilities(model(torch.tensor([prompt_ids])).logits[0, -1:], params)[0]
     support = p.nonzero().flatten().tolist()
     drafter = DraftModelDrafter(tiny_gemma3(seed=9), num_draft_tokens=2)
     counts = dict.fromkeys(support, 0)
-    runs = 600
+    runs = 400
     for seed in range(runs):
-        first = run(model, drafter, prompt_ids, max_new_tokens=3, temperature=1.5, top_k=4, seed=seed).token_ids[0]
+        first = run(model, drafter, prompt_ids, max_new_tokens=3, temperature=1.5, top_k=3, seed=seed).token_ids[0]
         counts[first] += 1
     chi2 = sum((counts[t] - runs * float(p[t])) ** 2 / (runs * float(p[t])) for t in support)
-    assert chi2 < 16.27  # chi-square, 3 degrees of freedom, significance 0.001
+    assert chi2 < 13.82  # chi-square, 2 degrees of freedom, significance 0.001
