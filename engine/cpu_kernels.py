@@ -2,17 +2,18 @@
 
 Why: verifying k drafts feeds k+1 rows through the model in one pass, and that only pays if it costs about as much
 as one row (decoding is memory-bound: every weight is read once whatever the row count). On CPU the output layer
-(Gemma 3 270M: 262144 x 640 floats, 671 MB, ~3/4 of a one-token forward) breaks that: torch's default
+(Gemma 3 270M: 262144 x 640 floats, 671 MB, half or more of a one-token forward) breaks that: torch's default
 `F.linear` leaves its fast path from 4 rows on and costs ~2x at 4-5 rows and ~3x at 8. The same product through
-oneDNN with the weight reordered once at load ("prepacked") costs about the same for 1 to 8 rows. Measured on the
-2-core AVX-512 development machine, torch 2.13, median ms (see BENCHMARKS.md for the whole-model numbers):
+oneDNN with the weight reordered once at load ("prepacked") costs about the same for 1 to 8 rows. Measured by
+`mtp-mcp bench --verify-cost --threads 1` (Xeon with AVX-512, torch 2.13; median ms of the output layer alone,
+interleaved in one run; BENCHMARKS.md has the whole-model numbers):
 
     rows                     1     2     3     4     5     8    16
-    F.linear                52    55    57   111   113   177   108
-    oneDNN prepacked        51    55    59    58    63    68    77
+    F.linear (stock)        56    57    68   127   117   188   131
+    oneDNN prepacked        57    64    69    66    67    72    94
 
-The decoder layers' projections are small enough that the default path is within noise of oneDNN at the draft
-lengths the engine uses, so they stay as they are (their packed copies would cost 400 MB for ~4%).
+The decoder layers' projections also grow from 4 rows on, but prepacking them too measured only 5-10% faster at
+4-8 positions (within this machine's noise) for 400 MB more, so they stay as they are.
 
 Invariant: one row goes through the stock `F.linear` on the original weight, so plain decoding computes bit for bit
 what transformers computes; two or more rows go through oneDNN, which differs from it only in float rounding (~1e-5
@@ -37,7 +38,8 @@ _PACKING_ROWS_HINT = 4
 
 
 class PrepackedLinear(torch.nn.Module):
-    """A drop-in for an nn.Linear: same weight (shared, not copied) plus a oneDNN-prepacked copy for multi-row inputs."""
+    """A drop-in for an nn.Linear: the same weight (shared, not copied) plus a oneDNN-prepacked copy of it for
+    multi-row inputs."""
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
@@ -57,7 +59,8 @@ class PrepackedLinear(torch.nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, prepacked for >= {PACKED_MIN_ROWS} rows"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"prepacked for >= {PACKED_MIN_ROWS} rows")
 
 
 def use_cpu_kernels(model: torch.nn.Module) -> int:

@@ -1,0 +1,317 @@
+"""GPU readiness: what speculative decoding buys on an accelerator, without a network or a downloaded model.
+
+    python -m benchmarks.gpu            (benchmarks/gpu.sh runs this; --tiny runs a toy shape on CPU for tests)
+
+A random-weight model of a realistic shape (Qwen3-0.6B: 28 layers, hidden 1024, GQA 16/8, vocab 151936) decodes
+with a static KV cache, each step shape (1 position for plain decoding, k+1 for verification) captured once as a
+CUDA graph, so the measured steps carry no Python or kernel-launch overhead: the regime a GPU engine runs in.
+
+The weights are random, but the next token is made unambiguous so that greedy verification is well defined:
+embeddings are scaled up and the layers' residual writes down (the residual stream stays close to the input token's
+embedding) and the output layer is the embedding table permuted, so the target's greedy next token is
+successor[input token], with a margin of ~sqrt(hidden) standard deviations over the rest of the vocabulary.
+The compute per step is exactly that of the real shape.
+
+An oracle drafter knows the target's greedy continuation (from the plain run) and proposes each of its k drafts
+correctly with probability p (else a wrong token). Expected tokens per target pass: (1 - p^(k+1)) / (1 - p).
+Reported: the verify-cost curve (one forward over n positions / one over 1), and for each p and k the tokens per pass,
+the speedup over plain decoding, and whether the output equals the plain greedy output (it must: verification is exact).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM, StaticCache
+
+VERIFY_COST_POSITIONS = (1, 2, 3, 4, 5, 8, 16)
+ACCEPTANCE_RATES = (0.5, 0.6, 0.7, 0.8, 0.9)
+DRAFT_LENGTHS = (2, 4, 8)
+PROMPT_TOKENS = 128
+# Embeddings scaled up and the layers' writes to the residual stream (o_proj, down_proj) scaled down, so that 28
+# random layers only perturb the input token's embedding (values, not shapes: the compute is unchanged).
+EMBEDDING_SCALE = 20.0
+RESIDUAL_WRITE_SCALE = 0.01
+
+SHAPES = {
+    # Qwen3-0.6B's published config (output layer untied here so it can be the permuted embedding).
+    "qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128),
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SpeculationResult:
+    acceptance: float  # p: probability that each oracle draft is right
+    draft_tokens: int  # k
+    tokens_per_pass: float
+    expected_tokens_per_pass: float  # (1 - p^(k+1)) / (1 - p)
+    tokens_per_second: float
+    speedup: float  # over plain decoding with the same static cache and graphs
+    equal_to_plain: bool
+
+
+def build_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int) -> tuple[Qwen3ForCausalLM, list[int]]:
+    """The random model and its successor table (successor[t] is the greedy token after t)."""
+    config = Qwen3Config(**SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=False,
+                         attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Qwen3ForCausalLM(config).to(dtype).eval().requires_grad_(False)
+    embedding = model.get_input_embeddings().weight
+    embedding.mul_(EMBEDDING_SCALE)
+    for layer in model.model.layers:
+        layer.self_attn.o_proj.weight.mul_(RESIDUAL_WRITE_SCALE)
+        layer.mlp.down_proj.weight.mul_(RESIDUAL_WRITE_SCALE)
+    successor = torch.randperm(config.vocab_size, device=device)
+    predecessor = torch.empty_like(successor)
+    predecessor[successor] = torch.arange(config.vocab_size, device=device)
+    # logit_j = E[predecessor[j]] . h, with h ~ E[t] after the final norm: largest for j = successor[t].
+    model.get_output_embeddings().weight.copy_(embedding[predecessor])
+    return model, successor.tolist()
+
+
+class StaticDecoder:
+    """One sequence in a static cache; step(tokens) appends them and returns the greedy token after each.
+
+    Rolling back rejected drafts moves the write position back; the stale slots are masked until overwritten.
+    The attention mask is built here from the positions (key slot j visible to query i iff j <= position_i), so the
+    captured graph holds no host-side mask logic.
+    """
+
+    def __init__(self, model: Qwen3ForCausalLM, max_length: int):
+        self.model = model
+        self.device = model.device
+        self.cache = StaticCache(config=model.config, max_cache_len=max_length)
+        self.position = 0  # tokens in the cache
+        self._slots = torch.arange(max_length, device=self.device)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    @torch.inference_mode()
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # input_ids, positions: [1, n] -> greedy next tokens [n]
+        visible = (self._slots[None, :] <= positions[0, :, None])[None, None]  # [1, 1, n, max_length]
+        logits = self.model(input_ids=input_ids, position_ids=positions, cache=self.cache, use_cache=True,
+                            attention_mask={"full_attention": visible}).logits
+        return logits[0].argmax(dim=-1)
+
+    def capture(self, sizes: set[int]) -> str:
+        """Records a CUDA graph for each step size; returns "on", or "off (why)" when a capture failed (e.g. an op
+        that synchronises with the host), in which case every step runs eagerly."""
+        try:
+            for n in sorted(sizes):
+                self._capture(n)
+        except RuntimeError as error:
+            self._graphs.clear()
+            print(f"gpu bench: CUDA graph capture failed, running eager: {error}", file=sys.stderr)
+            return f"off (capture failed: {str(error).splitlines()[0]})"
+        return "on"
+
+    @torch.inference_mode()
+    def _capture(self, n: int) -> None:
+        """Records the n-position step (warm-up runs write into slots that are later overwritten)."""
+        input_ids = torch.zeros(1, n, dtype=torch.long, device=self.device)
+        positions = torch.arange(n, device=self.device)[None]
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._forward(input_ids, positions)
+                self.cache.crop(-n)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # records without running: the cache does not move
+            output = self._forward(input_ids, positions)
+        self._graphs[n] = (graph, input_ids, positions, output)
+
+    def reset(self) -> None:
+        self.rollback(self.position)
+
+    def rollback(self, n: int) -> None:
+        if n:
+            self.cache.crop(-n)
+            self.position -= n
+
+    def step(self, tokens: list[int]) -> list[int]:
+        n = len(tokens)
+        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        positions = torch.arange(self.position, self.position + n, device=self.device)[None]
+        if n in self._graphs:
+            graph, static_ids, static_positions, output = self._graphs[n]
+            static_ids.copy_(ids)
+            static_positions.copy_(positions)
+            graph.replay()
+        else:
+            output = self._forward(ids, positions)
+        self.position += n
+        return output.tolist()
+
+
+def decode_plain(decoder: StaticDecoder, prompt: list[int], new_tokens: int) -> tuple[list[int], float]:
+    decoder.reset()
+    decoder.step(prompt[:-1])  # prefill (not timed: both methods do the same one)
+    _synchronize(decoder.device)
+    started = time.perf_counter()
+    generated = [prompt[-1]]
+    while len(generated) <= new_tokens:
+        generated.append(decoder.step([generated[-1]])[0])
+    return generated[1:], time.perf_counter() - started
+
+
+def decode_speculative(
+    decoder: StaticDecoder,
+    prompt: list[int],
+    new_tokens: int,
+    reference: list[int],
+    p: float,
+    k: int,
+    rng: random.Random,
+) -> tuple[list[int], float, int]:
+    """Greedy speculative decoding with the oracle drafter; returns (tokens, seconds, target passes)."""
+    vocab_size = decoder.model.config.vocab_size
+    decoder.reset()
+    decoder.step(prompt[:-1])
+    _synchronize(decoder.device)
+    started = time.perf_counter()
+    generated: list[int] = []
+    last, passes = prompt[-1], 0
+    while len(generated) < new_tokens:
+        # The oracle: draft i is the true token with probability p, else a wrong one.
+        truth = reference[len(generated) : len(generated) + k]
+        drafts = [t if rng.random() < p else (t + 1) % vocab_size for t in truth]
+        drafts += [0] * (k - len(drafts))  # past the reference's end: pad so every pass has k+1 positions
+        targets = decoder.step([last, *drafts])
+        passes += 1
+        accepted = 0
+        while accepted < k and drafts[accepted] == targets[accepted]:
+            accepted += 1
+        decoder.rollback(k - accepted)
+        generated += [*drafts[:accepted], targets[accepted]]
+        last = generated[-1]
+    return generated[:new_tokens], time.perf_counter() - started, passes
+
+
+def verify_cost(decoder: StaticDecoder, prompt: list[int], trials: int) -> dict[int, float]:
+    """Median ms of one step over n positions after the prompt is cached."""
+    decoder.reset()
+    decoder.step(prompt)
+    times: dict[int, list[float]] = {n: [] for n in VERIFY_COST_POSITIONS}
+    for _ in range(trials):
+        for n in VERIFY_COST_POSITIONS:
+            _synchronize(decoder.device)
+            started = time.perf_counter()
+            decoder.step(prompt[:n])
+            _synchronize(decoder.device)
+            times[n].append((time.perf_counter() - started) * 1e3)
+            decoder.rollback(n)
+    return {n: statistics.median(ms) for n, ms in times.items()}
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
+    started = time.perf_counter()
+    model, successor = build_model(args.shape, device, dtype, args.seed)
+    longest_step = max(args.new_tokens + max(DRAFT_LENGTHS) + 1, max(VERIFY_COST_POSITIONS))
+    use_graphs = device.type == "cuda" and not args.no_graphs
+    decoder = StaticDecoder(model, PROMPT_TOKENS + longest_step)
+    rng = random.Random(args.seed)
+    prompt = [rng.randrange(model.config.vocab_size) for _ in range(PROMPT_TOKENS)]
+    graphs = "off"
+    if use_graphs:
+        graphs = decoder.capture({1, *VERIFY_COST_POSITIONS, *(k + 1 for k in DRAFT_LENGTHS)})
+
+    costs = verify_cost(decoder, prompt, args.repeats * 5)
+    plain_runs = [decode_plain(decoder, prompt, args.new_tokens) for _ in range(args.repeats)]
+    reference = plain_runs[0][0]
+    # The model was built so that greedy decoding follows the successor table; check it, as the oracle relies on it.
+    follows_successor = all(b == successor[a] for a, b in zip([prompt[-1], *reference], reference))
+    plain_seconds = statistics.median(seconds for _, seconds in plain_runs)
+
+    results = []
+    for p in ACCEPTANCE_RATES:
+        for k in DRAFT_LENGTHS:
+            runs = [decode_speculative(decoder, prompt, args.new_tokens, reference, p, k, rng)
+                    for _ in range(args.repeats)]
+            seconds = statistics.median(r[1] for r in runs)
+            results.append(SpeculationResult(
+                acceptance=p,
+                draft_tokens=k,
+                tokens_per_pass=sum(len(r[0]) for r in runs) / sum(r[2] for r in runs),
+                expected_tokens_per_pass=(1 - p ** (k + 1)) / (1 - p),
+                tokens_per_second=args.new_tokens / seconds,
+                speedup=plain_seconds / seconds,
+                equal_to_plain=all(r[0] == reference for r in runs),
+            ))
+    return {
+        "shape": args.shape,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": args.dtype,
+        "cuda_graphs": graphs,
+        "new_tokens": args.new_tokens,
+        "plain_tokens_per_second": args.new_tokens / plain_seconds,
+        "greedy_follows_successor_table": follows_successor,
+        "verify_cost_ms": costs,
+        "verify_cost_ratio": {n: ms / costs[1] for n, ms in costs.items()},
+        "speculation": [asdict(r) for r in results],
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def format_table(report: dict) -> str:
+    lines = [
+        f"{report['shape']} (random weights), {report['device']}, {report['dtype']}, "
+        f"CUDA graphs {report['cuda_graphs']}, plain {report['plain_tokens_per_second']:.1f} tok/s",
+        "verify cost n=" + " ".join(f"{n}:{r:.2f}x" for n, r in report["verify_cost_ratio"].items()),
+        "p     " + "".join(f"   k={k}: tok/pass speedup" for k in DRAFT_LENGTHS) + "   = plain",
+    ]
+    for p in ACCEPTANCE_RATES:
+        row = [r for r in report["speculation"] if r["acceptance"] == p]
+        cells = "".join(f"{r['tokens_per_pass']:14.2f} {r['speedup']:6.2f}x" for r in row)
+        lines.append(f"{p:<6.1f}{cells}   {'yes' if all(r['equal_to_plain'] for r in row) else 'NO'}")
+    lines.append(f"total {report['seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="benchmarks/gpu.sh", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_const", const="tiny", dest="shape", default="qwen3-0.6b",
+                        help="a toy shape (for CPU tests)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-graphs", action="store_true", help="eager steps even on CUDA")
+    parser.add_argument("--json", type=Path, help="also write the report as JSON")
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"device is '{args.device}' but this torch ({torch.__version__}) sees no CUDA device; "
+                     "use --device cpu (with --tiny for a quick run)")
+    if args.new_tokens < 1 or args.repeats < 1:
+        parser.error("--new-tokens and --repeats must be at least 1")
+    report = run(args)
+    print(format_table(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""`mtp-mcp bench` on a tiny model (table, JSON, plot), the verify-cost mode, the CPU kernels, and benchmarks/gpu.sh.
+
+Speed is never asserted (these machines are noisy); what is asserted is that every run happened, was counted, and
+that greedy outputs equal transformers' own.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks.workloads import WORKLOAD_NAMES, cut_after_def
+from engine.cli import main
+from engine.cpu_kernels import PrepackedLinear, use_cpu_kernels
+from tiny_checkpoints import build_tiny_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    # The tiny byte-level tokenizer spends ~1 token per character: the shipped code prompts need a long context.
+    return str(build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-bench"), context_length=4096))
+
+
+def test_bench_prints_table_and_writes_json_and_plot(tiny_dir, tmp_path, capsys):
+    json_path, plot_path = tmp_path / "bench.json", tmp_path / "bench.png"
+    code = main(["bench", "--model", tiny_dir, "--repeats", "1", "--max-new-tokens", "6", "--prompts-per-workload",
+                 "1", "--json", str(json_path), "--plot", str(plot_path)])
+    assert code == 0
+
+    methods = ["transformers", "transformers-lookup", "engine-none", "engine-ngram"]
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["workload", "method", "tok/s"]
+    rows = {tuple(line.split()[:2]) for line in table[2:]}
+    assert rows == {(w, m) for w in [*WORKLOAD_NAMES, "all"] for m in methods}
+
+    document = json.loads(json_path.read_text())
+    assert len(document["runs"]) == len(WORKLOAD_NAMES) * len(methods)
+    assert all(run["new_tokens"] == len(run["token_ids"]) > 0 for run in document["runs"])
+    summaries = {(s["workload"], s["method"]): s for s in document["summaries"]}
+    for workload in [*WORKLOAD_NAMES, "all"]:
+        # Lossless: every method's greedy tokens equal transformers' plain greedy tokens for the same prompt.
+        assert all(summaries[(workload, m)]["equal_to_reference"] == summaries[(workload, m)]["runs"] for m in methods)
+        assert summaries[(workload, "transformers")]["speedup_vs_transformers"] == pytest.approx(1.0)
+        assert summaries[(workload, "engine-none")]["tokens_per_pass"] == pytest.approx(1.0)
+        assert summaries[(workload, "engine-ngram")]["tokens_per_pass"] >= 1.0
+    assert document["meta"]["engine_kernels"] == "engine.cpu_kernels"
+    assert plot_path.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_verify_cost_times_every_position_count_for_both_kernels(tiny_dir, tmp_path, capsys):
+    json_path = tmp_path / "verify.json"
+    assert main(["bench", "--verify-cost", "--model", tiny_dir, "--repeats", "2", "--json", str(json_path)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["variant", "n", "forward"]
+    costs = json.loads(json_path.read_text())["verify_cost"]
+    assert [(c["variant"], c["positions"]) for c in costs] == [
+        (variant, n) for variant in ("stock", "engine") for n in (1, 2, 3, 4, 5, 8, 16)
+    ]
+    assert all(c["forward_ms"] > 0 and c["output_layer_ms"] > 0 for c in costs)
+    assert [c["ratio_to_one"] for c in costs if c["positions"] == 1] == [1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--workloads", "code,poetry"], "not a list of workloads"),
+        (["--repeats", "0"], "not a whole number of at least 1"),
+    ],
+)
+def test_bad_bench_options_exit_2_with_one_sentence(args, message, tiny_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--model", tiny_dir, *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_bench_beyond_the_context_is_refused_before_running(tiny_dir, capsys):
+    assert main(["bench", "--model", tiny_dir, "--max-new-tokens", "4000"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("mtp-mcp: ") and "exceeds the model's context of 4096 tokens" in err
+
+
+def test_prepacked_linear_matches_the_stock_layer():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 300, bias=False)
+    packed = PrepackedLinear(linear)
+    with torch.inference_mode():
+        one = torch.randn(1, 1, 64)
+        # One row takes the stock path: bit-identical to what transformers computes when decoding.
+        assert torch.equal(packed(one), F.linear(one, linear.weight))
+        for rows in (2, 3, 5, 8, 16):
+            x = torch.randn(1, rows, 64)
+            torch.testing.assert_close(packed(x), F.linear(x, linear.weight), rtol=1e-5, atol=1e-5)
+    assert packed.weight is linear.weight  # shared, not copied
+
+
+def test_cpu_kernels_swap_only_float32_cpu_output_layers(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    weight = model.get_output_embeddings().weight
+    assert use_cpu_kernels(model) == 1
+    assert isinstance(model.get_output_embeddings(), PrepackedLinear)
+    assert model.get_output_embeddings().weight is weight
+    assert use_cpu_kernels(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16)) == 0
+
+
+def test_code_prompts_end_after_a_def_line():
+    source = "import os\n\ndef a():\n    return 1\n\ndef b():\n    return 2\n\ndef c():\n    return 3\n"
+    assert cut_after_def(source, source.index("def c")) == source[: source.index("    return 2")]
+    assert cut_after_def("x = 1\ny = 2\nz = 3\n", 9) == "x = 1\n"
+
+
+def test_gpu_script_runs_a_tiny_shape_on_cpu(tmp_path):
+    json_path = tmp_path / "gpu.json"
+    result = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu.sh"), "--tiny", "--device", "cpu", "--dtype", "float32",
+         "--new-tokens", "12", "--repeats", "1", "--json", str(json_path)],
+        capture_output=True, text=True, timeout=120, env=os.environ | {"PYTHON": sys.executable},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "speedup" in result.stdout and "verify cost" in result.stdout
+    report = json.loads(json_path.read_text())
+    assert report["greedy_follows_successor_table"] and report["cuda_graphs"] == "off"
+    assert len(report["speculation"]) == 15
+    for row in report["speculation"]:
+        # Verification is exact, so the oracle's acceptance rate changes the speed, never the output.
+        assert row["equal_to_plain"]
+        assert 1.0 <= row["tokens_per_pass"] <= row["draft_tokens"] + 1
+    assert set(report["verify_cost_ratio"]) == {"1", "2", "3", "4", "5", "8", "16"}
