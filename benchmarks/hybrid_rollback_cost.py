@@ -19,7 +19,7 @@ fed = [50, 51, 52, 53, 54]  # last committed token + 4 drafts
 REPS = 200
 
 def fresh():
-    t = TargetModel(model); t.reset(); t.forward(prefix, logits_for_last=0); t.rollback(0); return t
+    t = TargetModel(model); t.prefill(prefix); return t
 
 # A: engine.target as shipped.
 def a_step(accepted):

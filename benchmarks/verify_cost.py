@@ -45,11 +45,8 @@ def measure_verify_cost(
         raise ValueError(f"verify cost needs {needed} token ids, got {len(token_ids)}")
     context, fed = token_ids[:CACHE_TOKENS], token_ids[CACHE_TOKENS:]
     for target in targets.values():
-        target.reset()
-        target.forward(context, logits_for_last=0)
-    hidden_size = next(iter(targets.values())).forward(fed[:1], logits_for_last=0).hidden.shape[-1]
-    for target in targets.values():
-        target.rollback(target.cache_length - CACHE_TOKENS)
+        target.prefill(context)
+    hidden_size = next(iter(targets.values())).model.config.get_text_config().hidden_size
 
     forward_ms: dict[tuple[str, int], list[float]] = {}
     head_ms: dict[tuple[str, int], list[float]] = {}

@@ -46,8 +46,7 @@ def generate(
     else:
         generator.manual_seed(request.seed)
 
-    target.reset()
-    new_hidden = target.forward(prompt_ids[:-1], logits_for_last=0).hidden
+    new_hidden = target.prefill(prompt_ids[:-1])
     drafter.begin(prompt_ids, sampling, generator)
     stats.prefill_time_s = time.perf_counter() - started
 

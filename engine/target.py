@@ -55,13 +55,22 @@ class TargetModel:
     def cache_length(self) -> int:
         return self.cache.get_seq_length() if self.cache is not None else 0
 
-    def reset(self) -> None:
-        """Starts a new sequence with an empty cache (the previous one is dropped, so its memory is freed)."""
+    @torch.inference_mode()
+    def prefill(self, token_ids: list[int]) -> torch.Tensor:
+        """Starts a new sequence (the previous cache is dropped, so its memory is freed) with token_ids in the cache,
+        possibly none. Returns their final hidden states [n, H]."""
         self.cache = DynamicCache(config=self.model.config)
         # Sliding-window layers and convolution states must keep what they would evict until we know the drafts
         # were accepted.
         self.cache.activate_past_recording()
         self._last_fed, self._recurrent_before = [], []
+        if not token_ids:  # a one-token prompt: its only token is the first input of the first step
+            hidden_size = self.model.config.get_text_config().hidden_size
+            return torch.empty(0, hidden_size, dtype=self.model.dtype, device=self.device)
+        hidden = self._feed(token_ids)
+        # A prefill is never rolled back: drop at once what was held back for a rollback.
+        self.cache.crop(0)
+        return hidden
 
     def release(self) -> None:
         """Drops the cache between requests so its memory does not outlive the request."""
@@ -72,10 +81,6 @@ class TargetModel:
     def forward(self, token_ids: list[int], logits_for_last: int | None = None) -> TargetOutput:
         """Appends token_ids to the cache; returns hidden states for all of them and logits for the last
         `logits_for_last` (all when None, none when 0)."""
-        if self._last_fed:
-            # What the previous forward recorded for a rollback is committed by now (rollback trims it already;
-            # a prefill is never rolled back): trim it before it is concatenated with the new tokens.
-            self.cache.crop(0)
         self._snapshot_recurrent_states(token_ids)
         hidden = self._feed(token_ids)
         n_logits = len(token_ids) if logits_for_last is None else logits_for_last

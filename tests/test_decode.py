@@ -91,6 +91,14 @@ def test_greedy_output_is_identical_to_transformers_generate(drafter_name, promp
         assert result.stats.mean_tokens_per_pass > 3
 
 
+@pytest.mark.parametrize("drafter_name", ["ngram", "draft-model-other"])
+def test_a_one_token_prompt_needs_no_prefill(drafter_name):
+    model = tiny_gemma3(seed=0)
+    prompt_ids = TOKENIZER("The")["input_ids"]  # this tokenizer adds no <bos>: a single token
+    assert len(prompt_ids) == 1
+    assert run(model, DRAFTERS[drafter_name](), prompt_ids, 20).token_ids == reference(model, prompt_ids, 20)
+
+
 def test_greedy_on_a_second_architecture():
     model = tiny_llama(seed=3)
     for prompt in PROMPTS:

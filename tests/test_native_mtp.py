@@ -134,8 +134,7 @@ def test_incremental_drafts_equal_a_from_scratch_recomputation(loaded, name):
             layer.mtp_block.self_attn.o_proj.weight.mul_(50)
     with torch.inference_mode():
         scratch_target = TargetModel(target.model)
-        scratch_target.reset()
-        all_hidden = scratch_target.forward(tokens, logits_for_last=0).hidden
+        all_hidden = scratch_target.prefill(tokens)
     drafter.begin(tokens, SamplingParams(), generator)
     committed, fed = len(prompt_ids(PROMPTS[0])), 0
     for step in [1, 3, 1, 2, 4, 1, 1, 5, 2]:
@@ -162,9 +161,7 @@ def test_gemma4_assistant_drafts_exactly_like_transformers(loaded):
     ).get_candidates(torch.tensor([committed]), {}, outputs, is_first_iteration=False, n_last_matches=0)[0]
 
     ours = TargetModel(target.model)
-    ours.reset()
-    hidden = ours.forward(ids, logits_for_last=0).hidden
-    ours.rollback(0)
+    hidden = ours.prefill(ids)
     drafter.begin(committed, SamplingParams(), torch.Generator())
     assert drafter.propose(DraftContext(committed, 8, hidden, ours)).tokens == theirs[0, len(committed):].tolist()
 
@@ -187,9 +184,7 @@ def cache_states(target: TargetModel) -> list[torch.Tensor]:
 
 def from_scratch_states(model, tokens: list[int]) -> list[torch.Tensor]:
     fresh = TargetModel(model)
-    fresh.reset()
-    fresh.forward(tokens, logits_for_last=0)
-    fresh.rollback(0)
+    fresh.prefill(tokens)
     return cache_states(fresh)
 
 
@@ -206,9 +201,7 @@ def test_hybrid_rollback_restores_recurrent_conv_and_attention_state(loaded, acc
     prefix = prompt_ids(PROMPTS[0])
     fed = [17, 99, 230, 41, 8]  # the last committed token and 4 drafts
     target = TargetModel(model)
-    target.reset()
-    target.forward(prefix, logits_for_last=0)
-    target.rollback(0)
+    target.prefill(prefix)
     target.forward(fed)
     target.rollback(len(fed) - 1 - accepted)
     assert target.cache_length == len(prefix) + accepted + 1
@@ -311,8 +304,7 @@ def test_sampled_drafts_carry_the_distribution_they_were_drawn_from(loaded, name
     params = SamplingParams(temperature=0.7, top_k=5)
     with torch.inference_mode():
         scratch = TargetModel(target.model)
-        scratch.reset()
-        hidden = scratch.forward(ids[:-1], logits_for_last=0).hidden
+        hidden = scratch.prefill(ids[:-1])
         drafter.begin(ids, params, torch.Generator().manual_seed(3))
         draft = drafter.propose(DraftContext(ids, 8, hidden, scratch))
     assert draft.probs.shape == (3, VOCAB)
