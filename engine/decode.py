@@ -73,9 +73,10 @@ def generate(
         draft = drafter.propose(DraftContext(tokens, draft_budget, new_hidden, target))
         drafted = time.perf_counter()
 
-        scored = target.forward([tokens[-1], *draft.tokens])
+        # Greedy needs only each position's argmax, which the target finds without the full logits.
+        scored = target.forward([tokens[-1], *draft.tokens], logits_for_last=0 if sampling.greedy else None)
         if sampling.greedy:
-            verdict = verify_greedy(draft.tokens, scored.logits)
+            verdict = verify_greedy(draft.tokens, target.greedy_tokens(scored.hidden))
         else:
             verdict = verify_sampling(draft.tokens, draft.probs, probabilities(scored.logits, sampling), generator)
         target.rollback(len(draft.tokens) - verdict.accepted)

@@ -27,8 +27,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+from engine.cpu_kernels import dot_error_factor
+
+# A row with more candidates than this is computed in full (rare: the bound is loose only for flat distributions).
+_MAX_RESCORED_CANDIDATES = 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +51,7 @@ class TargetModel:
         self._lm_head = model.get_output_embeddings()
         self._softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
         self.vocab_size = self._lm_head.out_features
+        self._dot_error_factor = dot_error_factor(self._lm_head.in_features)
         self.cache: DynamicCache | None = None
         # For hybrid models: the tokens of the last forward and the recurrent states from before it, one per
         # (linear layer, state index); empty when the last forward needs no snapshot (one token, or no linear layer).
@@ -87,12 +94,54 @@ class TargetModel:
         logits = self.logits(hidden[len(token_ids) - n_logits :]) if n_logits else None
         return TargetOutput(logits=logits, hidden=hidden)
 
+    @torch.inference_mode()
+    def greedy_tokens(self, hidden: torch.Tensor) -> list[int]:
+        """hidden: [n, H] -> the argmax token of each row's logits: exactly `self.logits(hidden).argmax(-1)`.
+
+        With an int8 argmax screen on the output layer (engine/cpu_kernels.py, float32 CPU), only the few rows of
+        the output layer that can hold the argmax are computed in float32. The answer is still exact: a row's token
+        is taken from its candidates only when it beats every other candidate and the ceiling of the rest by more
+        than float32 rounding can move any of them (gamma_K sum|h_i w_i| for each kernel, the one here and whatever
+        kernel computes the full logits); otherwise, and for rows with too many candidates, the whole row of logits
+        is computed as `logits` does, so near-ties are broken exactly as the model's own head breaks them.
+        """
+        screen = getattr(self._lm_head, "argmax_screen", None)
+        if screen is None:
+            return self.logits(hidden).argmax(dim=-1).tolist()
+        candidates, ceilings = screen.candidates(hidden)
+        tokens = []
+        for row, ids, ceiling in zip(hidden, candidates, ceilings.tolist()):
+            token = self._certain_argmax(row, ids, ceiling)
+            tokens.append(token if token is not None else int(self.logits(row[None]).argmax()))
+        return tokens
+
+    def _certain_argmax(self, row: torch.Tensor, ids: torch.Tensor, ceiling: float) -> int | None:
+        """The argmax of row's logits if it is certain among the candidate ids (every other id's logit is below
+        ceiling), else None."""
+        if len(ids) > _MAX_RESCORED_CANDIDATES:
+            return None
+        weight = self._lm_head.weight[ids]
+        raw = F.linear(row, weight).float()
+        slack = 2.5 * self._dot_error_factor * F.linear(row.abs(), weight.abs()).float()  # this kernel's error + any other kernel's
+        best = int(raw.argmax())
+        low = raw[best] - slack[best]
+        high = raw + slack
+        high[best] = ceiling  # the best candidate's rivals: the other candidates and every id left out
+        rival = high.max()
+        capped_low, capped_rival = self._cap(torch.stack([low, rival])).tolist()
+        # The cap (tanh) can merge distinct logits into one float; demand a clear gap after it, too.
+        if capped_low - capped_rival <= 4 * torch.finfo(torch.float32).eps * abs(capped_low):
+            return None
+        return int(ids[best])
+
+    def _cap(self, logits: torch.Tensor) -> torch.Tensor:
+        if self._softcap is None:
+            return logits
+        return torch.tanh(logits / self._softcap) * self._softcap
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [n, H] -> logits [n, V] in float32, exactly as the model's own head computes them."""
-        logits = self._lm_head(hidden).float()
-        if self._softcap is not None:
-            logits = torch.tanh(logits / self._softcap) * self._softcap
-        return logits
+        return self._cap(self._lm_head(hidden).float())
 
     @torch.inference_mode()
     def rollback(self, n_tokens: int) -> None:

@@ -1,8 +1,9 @@
 """The verifier: decides which drafted tokens the target keeps. Pure functions, no model, no state.
 
-Inputs are the k drafted tokens and the target's scores at the k+1 positions it was fed
-([last committed token, draft_1, ..., draft_k]): row i scores the token that follows position i, so row i judges
-draft_{i+1} and row k gives the bonus token when every draft is accepted.
+Inputs are the k drafted tokens and the target's verdicts at the k+1 positions it was fed
+([last committed token, draft_1, ..., draft_k]): its argmax tokens (greedy) or probabilities (sampling). Row i is
+about the token that follows position i, so row i judges draft_{i+1} and row k gives the bonus token when every
+draft is accepted.
 Every call returns at least one token, so each target pass makes progress.
 """
 
@@ -21,9 +22,8 @@ class Verdict:
     next_token: int  # the target's own token after them: the correction, or the bonus when all were kept
 
 
-def verify_greedy(draft_tokens: list[int], target_logits: torch.Tensor) -> Verdict:
-    """draft_tokens: k ids; target_logits: [k+1, V]. Keep drafts while they equal the target's argmax."""
-    target_tokens = target_logits.argmax(dim=-1).tolist()
+def verify_greedy(draft_tokens: list[int], target_tokens: list[int]) -> Verdict:
+    """draft_tokens: k ids; target_tokens: the target's k+1 argmax tokens. Keep drafts while they equal them."""
     accepted = 0
     for draft, target in zip(draft_tokens, target_tokens):
         if draft != target:

@@ -1,4 +1,4 @@
-"""`mtp-mcp bench` on a tiny model (table, JSON, plot), the verify-cost mode, the CPU kernels, and benchmarks/gpu.sh.
+"""`mtp-mcp bench` on a tiny model (table, JSON, plot), the verify-cost mode, and benchmarks/gpu.sh.
 
 Speed is never asserted (these machines are noisy); what is asserted is that every run happened, was counted, and
 that greedy outputs equal transformers' own.
@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from benchmarks.workloads import WORKLOAD_NAMES, cut_after_def
 from engine.cli import main
-from engine.cpu_kernels import PrepackedLinear, use_cpu_kernels
 from tiny_checkpoints import build_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -86,31 +85,6 @@ def test_a_bench_beyond_the_context_is_refused_before_running(tiny_dir, capsys):
     assert main(["bench", "--model", tiny_dir, "--max-new-tokens", "4000"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("mtp-mcp: ") and "exceeds the model's context of 4096 tokens" in err
-
-
-def test_prepacked_linear_matches_the_stock_layer():
-    torch.manual_seed(0)
-    linear = torch.nn.Linear(64, 300, bias=False)
-    packed = PrepackedLinear(linear)
-    with torch.inference_mode():
-        one = torch.randn(1, 1, 64)
-        # One row takes the stock path: bit-identical to what transformers computes when decoding.
-        assert torch.equal(packed(one), F.linear(one, linear.weight))
-        for rows in (2, 3, 5, 8, 16):
-            x = torch.randn(1, rows, 64)
-            torch.testing.assert_close(packed(x), F.linear(x, linear.weight), rtol=1e-5, atol=1e-5)
-    assert packed.weight is linear.weight  # shared, not copied
-
-
-def test_cpu_kernels_swap_only_float32_cpu_output_layers(tiny_dir):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
-    weight = model.get_output_embeddings().weight
-    assert use_cpu_kernels(model) == 1
-    assert isinstance(model.get_output_embeddings(), PrepackedLinear)
-    assert model.get_output_embeddings().weight is weight
-    assert use_cpu_kernels(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16)) == 0
 
 
 def test_code_prompts_end_after_a_def_line():

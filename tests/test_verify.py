@@ -1,4 +1,4 @@
-"""The verifier on hand-made logits: greedy acceptance, and speculative sampling's output distribution."""
+"""The verifier on hand-made inputs: greedy acceptance, and speculative sampling's output distribution."""
 
 import pytest
 import torch
@@ -6,12 +6,6 @@ import torch
 from engine.verify import verify_greedy, verify_sampling
 
 V = 5
-
-
-def one_hot_logits(token_ids: list[int]) -> torch.Tensor:
-    logits = torch.full((len(token_ids), V), -10.0)
-    logits[torch.arange(len(token_ids)), torch.tensor(token_ids)] = 10.0
-    return logits
 
 
 @pytest.mark.parametrize(
@@ -24,7 +18,7 @@ def one_hot_logits(token_ids: list[int]) -> torch.Tensor:
     ],
 )
 def test_greedy_keeps_the_agreeing_prefix_plus_one_target_token(draft, target, accepted, next_token):
-    verdict = verify_greedy(draft, one_hot_logits(target))
+    verdict = verify_greedy(draft, target)
     assert (verdict.accepted, verdict.next_token) == (accepted, next_token)
 
 

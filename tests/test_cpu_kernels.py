@@ -1,0 +1,85 @@
+"""The CPU kernels of engine/cpu_kernels.py: the prepacked output layer and the int8 argmax screen, and the exact
+greedy argmax TargetModel builds on the screen (random weights; near-ties and softcap saturation made on purpose)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.cpu_kernels import Int8ArgmaxScreen, PrepackedLinear, use_cpu_kernels
+from engine.target import TargetModel
+from tiny_models import tiny_gemma3
+
+
+def test_prepacked_linear_matches_the_stock_layer():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 300, bias=False)
+    packed = PrepackedLinear(linear)
+    with torch.inference_mode():
+        one = torch.randn(1, 1, 64)
+        # One row takes the stock path: bit-identical to what transformers computes when decoding.
+        assert torch.equal(packed(one), F.linear(one, linear.weight))
+        for rows in (2, 3, 5, 8, 16):
+            x = torch.randn(1, rows, 64)
+            torch.testing.assert_close(packed(x), F.linear(x, linear.weight), rtol=1e-5, atol=1e-5)
+    assert packed.weight is linear.weight  # shared, not copied
+
+
+def test_cpu_kernels_swap_only_float32_cpu_output_layers():
+    model = tiny_gemma3(seed=0)
+    weight = model.get_output_embeddings().weight
+    assert use_cpu_kernels(model) == 1
+    assert isinstance(model.get_output_embeddings(), PrepackedLinear)
+    assert model.get_output_embeddings().weight is weight
+    assert model.get_output_embeddings().argmax_screen is not None
+    assert use_cpu_kernels(tiny_gemma3(seed=0).to(torch.bfloat16)) == 0
+
+
+def test_the_screen_keeps_the_argmax_among_few_candidates():
+    torch.manual_seed(0)
+    vocab, width = 6000, 128
+    weight = torch.randn(vocab, width) * torch.rand(vocab, 1)  # rows of very different norms
+    hidden = torch.randn(300, width) * 4
+    hidden[:, 5] *= 30  # an outlier channel, as real hidden states have
+    screen = Int8ArgmaxScreen(weight)
+    candidates, ceilings = screen.candidates(hidden)
+    logits = F.linear(hidden, weight)
+    sizes = []
+    for row, ids, ceiling in zip(logits, candidates, ceilings):
+        assert int(row.argmax()) in ids.tolist()
+        left_out = torch.ones(vocab, dtype=torch.bool)
+        left_out[ids] = False
+        assert bool((row[left_out] < ceiling).all())
+        sizes.append(len(ids))
+    assert sorted(sizes)[len(sizes) // 2] <= 20  # the screen narrows; a superset of everything would be useless
+
+
+@pytest.fixture
+def screened_target():
+    """A tiny Gemma 3 with the CPU kernels on, whose output layer holds an exact duplicate of row 3 (row 7) and a
+    near-duplicate (row 9): argmax ties and near-ties that only an exact computation breaks as transformers does."""
+    model = tiny_gemma3(seed=0)
+    with torch.no_grad():
+        weight = model.get_output_embeddings().weight
+        weight[7] = weight[3]
+        weight[9] = weight[3] * (1 + 1e-6)
+    use_cpu_kernels(model)
+    return TargetModel(model)
+
+
+def test_greedy_tokens_equal_the_argmax_of_the_full_logits_rows(screened_target):
+    torch.manual_seed(1)
+    weight = screened_target.model.get_output_embeddings().weight
+    hidden = torch.cat([torch.randn(40, weight.shape[1]) * 3, weight[[3, 9, 12]] * 50, -weight[[3]] * 50])
+    expected = [int(screened_target.logits(row[None]).argmax()) for row in hidden]  # one row: the stock kernel
+    assert screened_target.greedy_tokens(hidden) == expected
+    for rows in (1, 2, 5):
+        assert screened_target.greedy_tokens(hidden[:rows]) == expected[:rows]
+
+
+def test_greedy_tokens_break_softcap_saturation_ties_as_the_model_does(screened_target):
+    # A tiny cap saturates tanh: distinct raw logits become equal floats and argmax takes the first of them.
+    screened_target._softcap = 0.05
+    torch.manual_seed(2)
+    hidden = torch.randn(30, screened_target.model.config.hidden_size) * 20
+    expected = [int(screened_target.logits(row[None]).argmax()) for row in hidden]
+    assert screened_target.greedy_tokens(hidden) == expected
