@@ -1,7 +1,7 @@
 """`mtp-mcp bench`: the command line of the benchmarks.
 
     mtp-mcp bench                   every method x workload, interleaved; table on stdout, progress on stderr
-    mtp-mcp bench --verify-cost     one target forward over n = 1..16 positions, as ratios to n = 1
+    mtp-mcp bench --verify-cost     one greedy verification step over n = 1..16 positions, as ratios to n = 1
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write every run and summary as JSON")
     parser.add_argument("--plot", type=Path, metavar="PATH", help="also write a PNG plot (needs matplotlib)")
     parser.add_argument("--verify-cost", action="store_true",
-                        help=f"instead: time one target forward over n = {', '.join(map(str, POSITIONS))} positions "
+                        help=f"instead: time one greedy verification step (target forward + greedy tokens) over "
+                        f"n = {', '.join(map(str, POSITIONS))} positions "
                         f"with {CACHE_TOKENS} tokens in the cache, stock modules vs the engine's CPU kernels")
     parser.add_argument("--threads", type=_positive_int,
                         help="torch CPU threads for the whole run (default: torch's, one per core); on a machine "

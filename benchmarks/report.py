@@ -61,9 +61,10 @@ def bench_table(summaries: list[MethodSummary]) -> str:
 
 
 def verify_cost_table(costs: list[VerifyCost]) -> str:
-    header = ("variant", "n", "forward ms", "ratio to n=1", "output layer ms")
+    header = ("variant", "n", "greedy step ms", "ratio to n=1", "of which greedy head ms", "full logits ms")
     rows = [
-        (c.variant, str(c.positions), f"{c.forward_ms:.1f}", f"{c.ratio_to_one:.2f}", f"{c.output_layer_ms:.1f}")
+        (c.variant, str(c.positions), f"{c.forward_ms:.1f}", f"{c.ratio_to_one:.2f}", f"{c.greedy_head_ms:.1f}",
+         f"{c.logits_ms:.1f}")
         for c in costs
     ]
     return _format(header, rows)
@@ -113,7 +114,7 @@ def plot_bench(path: Path, summaries: list[MethodSummary], title: str) -> None:
 
 
 def plot_verify_cost(path: Path, costs: list[VerifyCost], title: str) -> None:
-    """Cost of one forward over n positions relative to n = 1, one line per variant."""
+    """Cost of one greedy verification step over n positions relative to n = 1, one line per variant."""
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
     for variant in dict.fromkeys(c.variant for c in costs):
@@ -121,7 +122,7 @@ def plot_verify_cost(path: Path, costs: list[VerifyCost], title: str) -> None:
         axes.plot(*zip(*points), marker="o", label=variant)
     axes.axhline(1.0, color="gray", linewidth=0.8)
     axes.set_xlabel("positions per forward (n = drafts + 1)")
-    axes.set_ylabel("forward time / forward time at n = 1")
+    axes.set_ylabel("step time / step time at n = 1")
     axes.set_title(title, fontsize=9)
     axes.legend(fontsize=8)
     axes.grid(alpha=0.3)

@@ -1,9 +1,11 @@
-"""What verifying k drafts costs: one target forward over n = k + 1 positions, against n = 1 (plain decoding).
+"""What verifying k drafts costs: one greedy verification step over n = k + 1 positions, against n = 1 (plain
+decoding).
 
 Speculation pays only while this ratio stays near 1 for small n (decoding is memory-bound: all weights are read
-once whatever n is). Each forward appends n tokens to a cache that already holds CACHE_TOKENS tokens and is then
-rolled back, exactly as a verification step does; logits are computed for all n positions, as verify needs them.
-Variants (e.g. stock transformers modules vs the engine's CPU kernels) are interleaved in one run.
+once whatever n is). Each step appends n tokens to a cache that already holds CACHE_TOKENS tokens, finds the target's
+greedy token at every position (`TargetModel.greedy_tokens`, as the engine's greedy loop does) and is then rolled
+back. The full logits of the same n positions, which sampling needs instead, are timed beside it. Variants (stock
+transformers modules vs the engine's CPU kernels) are interleaved in one run.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ CACHE_TOKENS = 200
 class VerifyCost:
     variant: str
     positions: int
-    forward_ms: float  # median time of one target forward (decoder + output layer) over `positions` tokens
+    forward_ms: float  # median time of one greedy verification step: decoder + greedy tokens, `positions` tokens
     ratio_to_one: float  # forward_ms / forward_ms at 1 position, same variant
-    output_layer_ms: float  # median time of the output layer alone on `positions` rows
+    greedy_head_ms: float  # median time of the greedy tokens alone (the output layer's share of forward_ms)
+    logits_ms: float  # median time of the full float32 logits of the same positions (what sampling needs)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -46,26 +49,29 @@ def measure_verify_cost(
     context, fed = token_ids[:CACHE_TOKENS], token_ids[CACHE_TOKENS:]
     for target in targets.values():
         target.prefill(context)
-    hidden_size = next(iter(targets.values())).model.config.get_text_config().hidden_size
 
-    forward_ms: dict[tuple[str, int], list[float]] = {}
-    head_ms: dict[tuple[str, int], list[float]] = {}
+    timings: dict[tuple[str, int], dict[str, list[float]]] = {}
     for trial in range(trials + 1):  # trial 0 warms every shape up and is not kept
         for n in positions[trial % len(positions) :] + positions[: trial % len(positions)]:
             for variant, target in targets.items():
                 started = time.perf_counter()
-                target.forward(fed[:n])
+                hidden = target.forward(fed[:n], logits_for_last=0).hidden
+                target.greedy_tokens(hidden)
                 _synchronize(target.device)
-                forward_done = time.perf_counter()
+                step_done = time.perf_counter()
                 target.rollback(n)
-                hidden = torch.randn(n, hidden_size, dtype=target.model.dtype, device=target.device)
                 head_started = time.perf_counter()
-                target.logits(hidden)
+                target.greedy_tokens(hidden)
                 _synchronize(target.device)
                 head_done = time.perf_counter()
+                target.logits(hidden)
+                _synchronize(target.device)
+                logits_done = time.perf_counter()
                 if trial:
-                    forward_ms.setdefault((variant, n), []).append((forward_done - started) * 1e3)
-                    head_ms.setdefault((variant, n), []).append((head_done - head_started) * 1e3)
+                    times = timings.setdefault((variant, n), {"step": [], "head": [], "logits": []})
+                    times["step"].append((step_done - started) * 1e3)
+                    times["head"].append((head_done - head_started) * 1e3)
+                    times["logits"].append((logits_done - head_done) * 1e3)
         if trial:
             log.info("verify cost: trial %d/%d done", trial, trials)
     for target in targets.values():
@@ -73,10 +79,10 @@ def measure_verify_cost(
 
     results = []
     for variant in targets:
-        one = statistics.median(forward_ms[(variant, 1)])
+        one = statistics.median(timings[(variant, 1)]["step"])
         for n in positions:
-            median = statistics.median(forward_ms[(variant, n)])
-            results.append(VerifyCost(variant, n, median, median / one, statistics.median(head_ms[(variant, n)])))
+            times = {name: statistics.median(values) for name, values in timings[(variant, n)].items()}
+            results.append(VerifyCost(variant, n, times["step"], times["step"] / one, times["head"], times["logits"]))
     return results
 
 

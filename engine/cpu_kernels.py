@@ -1,29 +1,37 @@
-"""A CPU kernel that keeps verification cheap: the output layer with its weight prepacked for oneDNN.
+"""CPU kernels that keep a decoding step cheap, for float32 models on CPU (what Engine.load runs).
 
-Why: verifying k drafts feeds k+1 rows through the model in one pass, and that only pays if it costs about as much
-as one row (decoding is memory-bound: every weight is read once whatever the row count). On CPU the output layer
-(Gemma 3 270M: 262144 x 640 floats, 671 MB, half or more of a one-token forward) breaks that: torch's default
-`F.linear` leaves its fast path from 4 rows on and costs ~2x at 4-5 rows and ~3x at 8. The same product through
-oneDNN with the weight reordered once at load ("prepacked") costs about the same for 1 to 8 rows. Measured by
-`mtp-mcp bench --verify-cost --threads 1` (Xeon with AVX-512, torch 2.13; median ms of the output layer alone,
-interleaved in one run; BENCHMARKS.md has the whole-model numbers):
+Why: decoding is memory-bound (every weight is read once per step, whatever the number of rows), so verifying k
+drafts in one pass of k+1 rows should cost about as much as one row, and a step should read as few bytes as it can.
+Stock torch breaks the first on CPU: `F.linear` leaves its fast path from 4 rows on and costs ~2x at 4-5 rows and
+~3x at 8. Three kernels, all measured with `mtp-mcp bench --verify-cost --threads 1` (Xeon with AVX-512, torch 2.13;
+medians in ms, interleaved in one run; BENCHMARKS.md has the whole-step numbers):
 
-    rows                     1     2     3     4     5     8    16
-    F.linear (stock)        56    57    68   127   117   188   131
-    oneDNN prepacked        57    64    69    66    67    72    94
+1. The output layer prepacked for oneDNN (its weight reordered once at load): as cheap for 1-8 rows as for one.
+   Used for the full logits that sampling needs (Gemma 3 270M: 262144 x 640 floats, 671 MB):
 
-The decoder layers' projections also grow from 4 rows on, but prepacking them too measured only 5-10% faster at
-4-8 positions (within this machine's noise) for 400 MB more, so they stay as they are.
+       rows                     1     2     3     4     5     8    16
+       F.linear (stock)        56    57    68   127   117   188   131
+       oneDNN prepacked        57    64    69    66    67    72    94
 
-Invariant: one row goes through the stock `F.linear` on the original weight, so plain decoding computes bit for bit
-what transformers computes; two or more rows go through oneDNN, which differs from it only in float rounding (~1e-5
-relative on the logits). The benchmark checks that greedy outputs stay token-identical to transformers.
-Cost: the prepacked copy doubles the output layer's memory (the original stays: it is also the input embedding).
+2. The decoder layers' projections prepacked the same way, from 4 rows on (at 2-3 rows the stock kernel is still
+   on its fast path and faster). One greedy step of the whole model, 4-8 positions: 108-118 ms against 119-140 ms
+   with stock projections (1-3 positions equal). Costs a second copy of the projection weights, so it is done only
+   while the model with every copy takes at most half of the machine's memory.
+
+3. Int8ArgmaxScreen, for greedy decoding, which needs only the argmax of the output layer: it reads an int8 copy
+   (a quarter of the bytes) and leaves a handful of candidate rows to compute exactly. Greedy tokens at 1 / 5 / 8
+   rows: 21 / 38 / 48 ms against 53 / 65 / 69 ms for the prepacked full logits. Exact, see the class.
+
+Invariant: one row goes through the stock `F.linear` on the original weights, so plain decoding computes bit for bit
+the hidden states transformers computes, and the screen makes its argmax exact. More rows go through oneDNN, which
+differs from the stock kernel only in float rounding (~1e-5 relative); the benchmark checks that greedy outputs stay
+token-identical to transformers.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 import torch
@@ -32,7 +40,11 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 # Below this many rows the stock kernel is as fast and bit-identical to transformers' own decode step.
-PACKED_MIN_ROWS = 2
+HEAD_PACKED_MIN_ROWS = 2
+# The decoder's smaller projections stay on the stock kernel's fast path up to 3 rows and are faster there.
+DECODER_PACKED_MIN_ROWS = 4
+# The decoder projections are prepacked only while the model with its extra copies fits in this share of the RAM.
+_DECODER_PACKING_MEMORY_SHARE = 0.5
 # oneDNN picks the packed layout for a typical row count; 4 was the fastest hint for 1..16 rows (hints 1, 4, 16 and
 # none measured).
 _PACKING_ROWS_HINT = 4
@@ -40,10 +52,11 @@ _PACKING_ROWS_HINT = 4
 
 class PrepackedLinear(torch.nn.Module):
     """A drop-in for an nn.Linear: the same weight (shared, not copied) plus a oneDNN-prepacked copy of it for
-    multi-row inputs."""
+    inputs of min_rows rows or more."""
 
-    def __init__(self, linear: torch.nn.Linear):
+    def __init__(self, linear: torch.nn.Linear, min_rows: int):
         super().__init__()
+        self.min_rows = min_rows  # inputs with fewer rows take the stock kernel on the original weight
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.weight = linear.weight
@@ -57,13 +70,13 @@ class PrepackedLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in_features] -> [..., out_features]
         rows = x.numel() // self.in_features
-        if rows < PACKED_MIN_ROWS:
+        if rows < self.min_rows:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"prepacked for >= {PACKED_MIN_ROWS} rows")
+                f"prepacked for >= {self.min_rows} rows")
 
 
 # Unit roundoff of float32, and the dot-product error factor gamma_K = K u / (1 - K u): any float32 summation order
@@ -98,6 +111,10 @@ class Int8ArgmaxScreen:
     The integer trick relies on fbgemm's choice of quantization parameters; the constructor checks it on random
     inputs and raises RuntimeError if the products are not exact, so a changed torch falls back to float32.
     """
+
+    # fbgemm's time grows with rows (two per hidden row): at 16 hidden rows the screen costs more than the prepacked
+    # full logits (125 vs 91 ms on Gemma 3 270M), at 8 it is still cheaper (48 vs 69 ms).
+    max_rows = 8
 
     def __init__(self, weight: torch.Tensor, chunk_rows: int = 16384):
         weight = weight.detach()
@@ -177,8 +194,10 @@ class Int8ArgmaxScreen:
 
 
 def use_cpu_kernels(model: torch.nn.Module) -> int:
-    """Swaps the output layer of a float32 CPU model for a PrepackedLinear, in place. Returns how many modules were
-    swapped (0 when the model is not float32 on CPU, torch lacks oneDNN, or the output layer is not a plain Linear)."""
+    """Applies the kernels above to a float32 CPU model, in place: swaps the output layer (and, memory allowing,
+    every projection of the decoder) for a PrepackedLinear and gives the output layer an Int8ArgmaxScreen.
+    Returns how many modules were swapped: 0 when the model is not float32 on CPU, torch lacks oneDNN, or the output
+    layer is not a plain Linear. Call it after the model has its final device and dtype."""
     head = model.get_output_embeddings()
     parameter = next(model.parameters())
     usable = (
@@ -191,12 +210,41 @@ def use_cpu_kernels(model: torch.nn.Module) -> int:
         log.debug("CPU kernels not used (device %s, dtype %s, output layer %s)", parameter.device, parameter.dtype,
                   type(head).__name__)
         return 0
-    packed = PrepackedLinear(head)
-    log.info("output layer prepacked for multi-position verification (+%.0f MB)", head.weight.nbytes / 2**20)
+    packed_head = PrepackedLinear(head, HEAD_PACKED_MIN_ROWS)
     try:
-        packed.argmax_screen = Int8ArgmaxScreen(head.weight)
-        log.info("int8 argmax screen built for greedy decoding (+%.0f MB)", 2 * head.weight.nbytes / 4 / 2**20)
+        packed_head.argmax_screen = Int8ArgmaxScreen(head.weight)
     except (RuntimeError, NotImplementedError) as error:  # no fbgemm in this torch build, or not exact
         log.info("greedy decoding reads the float32 output layer: %s", error)
-    model.set_output_embeddings(packed)
-    return 1
+    model.set_output_embeddings(packed_head)
+    swapped = 1 + _prepack_decoder_projections(model, extra_bytes=head.weight.nbytes * 3 // 2)
+    log.info("CPU kernels: %d layers prepacked for multi-position verification%s", swapped,
+             ", int8 argmax screen for greedy decoding" if packed_head.argmax_screen is not None else "")
+    return swapped
+
+
+def _prepack_decoder_projections(model: torch.nn.Module, extra_bytes: int) -> int:
+    """Swaps every nn.Linear inside the decoder for a PrepackedLinear if the model, the copies already made
+    (extra_bytes) and these copies fit in _DECODER_PACKING_MEMORY_SHARE of the RAM. Returns how many were swapped."""
+    decoder = model.get_decoder()
+    projections = [
+        (parent, name, child)
+        for parent in decoder.modules()
+        for name, child in parent.named_children()
+        if type(child) is torch.nn.Linear
+    ]
+    copies = sum(child.weight.nbytes for _, _, child in projections)
+    model_bytes = sum(p.nbytes for p in model.parameters())
+    ram = _physical_memory_bytes()
+    if ram is None or model_bytes + extra_bytes + copies > _DECODER_PACKING_MEMORY_SHARE * ram:
+        log.info("decoder projections not prepacked: +%.0f MB would not leave half of the RAM free", copies / 2**20)
+        return 0
+    for parent, name, child in projections:
+        setattr(parent, name, PrepackedLinear(child, DECODER_PACKED_MIN_ROWS))
+    return len(projections)
+
+
+def _physical_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system
+        return None

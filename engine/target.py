@@ -98,15 +98,16 @@ class TargetModel:
     def greedy_tokens(self, hidden: torch.Tensor) -> list[int]:
         """hidden: [n, H] -> the argmax token of each row's logits: exactly `self.logits(hidden).argmax(-1)`.
 
-        With an int8 argmax screen on the output layer (engine/cpu_kernels.py, float32 CPU), only the few rows of
-        the output layer that can hold the argmax are computed in float32. The answer is still exact: a row's token
+        With an int8 argmax screen on the output layer (engine/cpu_kernels.py, float32 CPU; up to its max_rows
+        positions at once), only the few rows of the output layer that can hold the argmax are computed in float32.
+        The answer is still exact: a row's token
         is taken from its candidates only when it beats every other candidate and the ceiling of the rest by more
         than float32 rounding can move any of them (gamma_K sum|h_i w_i| for each kernel, the one here and whatever
         kernel computes the full logits); otherwise, and for rows with too many candidates, the whole row of logits
         is computed as `logits` does, so near-ties are broken exactly as the model's own head breaks them.
         """
         screen = getattr(self._lm_head, "argmax_screen", None)
-        if screen is None:
+        if screen is None or len(hidden) > screen.max_rows:
             return self.logits(hidden).argmax(dim=-1).tolist()
         candidates, ceilings = screen.candidates(hidden)
         tokens = []

@@ -10,27 +10,31 @@ from engine.target import TargetModel
 from tiny_models import tiny_gemma3
 
 
-def test_prepacked_linear_matches_the_stock_layer():
+@pytest.mark.parametrize("min_rows", [2, 4])
+def test_prepacked_linear_matches_the_stock_layer(min_rows):
     torch.manual_seed(0)
-    linear = torch.nn.Linear(64, 300, bias=False)
-    packed = PrepackedLinear(linear)
+    linear = torch.nn.Linear(64, 300, bias=min_rows == 4)
+    packed = PrepackedLinear(linear, min_rows)
     with torch.inference_mode():
-        one = torch.randn(1, 1, 64)
-        # One row takes the stock path: bit-identical to what transformers computes when decoding.
-        assert torch.equal(packed(one), F.linear(one, linear.weight))
-        for rows in (2, 3, 5, 8, 16):
+        for rows in range(1, min_rows):
+            # Fewer rows take the stock path: bit-identical to what transformers computes when decoding.
             x = torch.randn(1, rows, 64)
-            torch.testing.assert_close(packed(x), F.linear(x, linear.weight), rtol=1e-5, atol=1e-5)
+            assert torch.equal(packed(x), linear(x))
+        for rows in (min_rows, 5, 8, 16):
+            x = torch.randn(1, rows, 64)
+            torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-5)
     assert packed.weight is linear.weight  # shared, not copied
 
 
-def test_cpu_kernels_swap_only_float32_cpu_output_layers():
+def test_cpu_kernels_swap_the_output_layer_and_decoder_projections_of_float32_cpu_models():
     model = tiny_gemma3(seed=0)
     weight = model.get_output_embeddings().weight
-    assert use_cpu_kernels(model) == 1
-    assert isinstance(model.get_output_embeddings(), PrepackedLinear)
-    assert model.get_output_embeddings().weight is weight
-    assert model.get_output_embeddings().argmax_screen is not None
+    projections = sum(type(m) is torch.nn.Linear for m in model.get_decoder().modules())
+    assert projections == 3 * 7  # q, k, v, o, gate, up, down per layer
+    assert use_cpu_kernels(model) == 1 + projections
+    head = model.get_output_embeddings()
+    assert isinstance(head, PrepackedLinear) and head.weight is weight and head.argmax_screen is not None
+    assert not any(type(m) is torch.nn.Linear for m in model.get_decoder().modules())
     assert use_cpu_kernels(tiny_gemma3(seed=0).to(torch.bfloat16)) == 0
 
 
