@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.cpu_kernels import use_cpu_kernels
+from engine.cpu_kernels import cpu_kernels_in_use, use_cpu_kernels
 from engine.decode import TextCallback, generate
 from engine.drafters import check_drafter_choice, create_drafter
 from engine.drafters.base import Drafter
@@ -106,6 +106,7 @@ class Engine:
             "context_length": self.loaded.context_length,
             "drafter": self.drafter.name,
             "has_chat_template": bool(getattr(self.loaded.tokenizer, "chat_template", None)),
+            "cpu_kernels": cpu_kernels_in_use(self.loaded.model),
         }
 
     def totals_snapshot(self) -> dict:

@@ -100,11 +100,11 @@ class TargetModel:
 
         With an int8 argmax screen on the output layer (engine/cpu_kernels.py, float32 CPU; up to its max_rows
         positions at once), only the few rows of the output layer that can hold the argmax are computed in float32.
-        The answer is still exact: a row's token
-        is taken from its candidates only when it beats every other candidate and the ceiling of the rest by more
-        than float32 rounding can move any of them (gamma_K sum|h_i w_i| for each kernel, the one here and whatever
-        kernel computes the full logits); otherwise, and for rows with too many candidates, the whole row of logits
-        is computed as `logits` does, so near-ties are broken exactly as the model's own head breaks them.
+        The answer is still exact. A row's token is taken from its candidates only when it beats every other
+        candidate, and the ceiling of the ids left out, by more than float32 rounding can move any of them
+        (gamma_K sum|h_i w_i| for each kernel: the one here and whichever computes the full logits). Otherwise, and
+        for rows with too many candidates, the whole row of logits is computed as `logits` does, so near-ties are
+        broken exactly as the model's own head breaks them.
         """
         screen = getattr(self._lm_head, "argmax_screen", None)
         if screen is None or len(hidden) > screen.max_rows:
@@ -123,7 +123,8 @@ class TargetModel:
             return None
         weight = self._lm_head.weight[ids]
         raw = F.linear(row, weight).float()
-        slack = 2.5 * self._dot_error_factor * F.linear(row.abs(), weight.abs()).float()  # this kernel's error + any other kernel's
+        # Rounding of this kernel plus that of any other (2 gamma_K sum|h_i w_i|), with room for rounding in the sum.
+        slack = 2.5 * self._dot_error_factor * F.linear(row.abs(), weight.abs()).float()
         best = int(raw.argmax())
         low = raw[best] - slack[best]
         high = raw + slack

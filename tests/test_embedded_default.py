@@ -46,6 +46,21 @@ def test_plain_decoding_matches_transformers_generate(embedded_model, engines):
     assert result.token_ids == expected[0, prompt_ids.shape[1] :].tolist()
 
 
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_plain_decoding_through_the_cpu_kernels_matches_transformers_generate(embedded_model, engines, prompt):
+    # One token per pass through what Engine.load built: greedy tokens come from the int8 argmax screen.
+    _, lookup = engines
+    assert lookup.info["cpu_kernels"] == {"prepacked_layers": 1 + 18 * 7, "int8_argmax_screen": True}
+    screened = Engine(lookup.loaded, NoDrafter())
+    try:
+        prompt_ids = embedded_model.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        expected = embedded_model.model.generate(prompt_ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+        result = screened.generate(GenerationRequest(prompt, max_new_tokens=NEW_TOKENS))
+        assert result.token_ids == expected[0, prompt_ids.shape[1] :].tolist()
+    finally:
+        screened.close()
+
+
 def test_drafting_accepts_tokens_on_repetitive_code(engines):
     _, lookup = engines
     stats = lookup.generate(GenerationRequest(PROMPTS[0], max_new_tokens=NEW_TOKENS)).stats
