@@ -151,7 +151,8 @@ class Int8ArgmaxScreen:
 
     def candidates(self, hidden: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """hidden: [n, K] float32. Returns, per row, the ascending vocabulary ids that may hold the argmax of the
-        float32 logits, and [n] ceilings: every id left out has a float32 logit below its row's ceiling."""
+        float32 logits, and [n] ceilings: every id left out has a float32 logit below its row's ceiling. A row that
+        is not finite gets no ids."""
         h = hidden.float()
         rows = h.shape[0]
         levels, scales, rest = [], [], h
@@ -176,6 +177,10 @@ class Int8ArgmaxScreen:
         candidates, ceilings = [], []
         for row in range(rows):
             ids = near_top[row].nonzero()[:, 0]
+            if len(ids) == 0:  # NaN or inf in the hidden state: no bound holds, leave the row to the full logits
+                candidates.append(ids)
+                ceilings.append(torch.tensor(float("inf")))
+                continue
             near = approx[row, ids]
             bound = h_norm[row] * self._weight_error[ids] + rest_norm[row] * self._dequantized_norm[ids] + constant[row]
             ceiling = (near - bound).max()

@@ -119,7 +119,7 @@ class TargetModel:
     def _certain_argmax(self, row: torch.Tensor, ids: torch.Tensor, ceiling: float) -> int | None:
         """The argmax of row's logits if it is certain among the candidate ids (every other id's logit is below
         ceiling), else None."""
-        if len(ids) > _MAX_RESCORED_CANDIDATES:
+        if not 0 < len(ids) <= _MAX_RESCORED_CANDIDATES:
             return None
         weight = self._lm_head.weight[ids]
         raw = F.linear(row, weight).float()

@@ -87,3 +87,11 @@ def test_greedy_tokens_break_softcap_saturation_ties_as_the_model_does(screened_
     hidden = torch.randn(30, screened_target.model.config.hidden_size) * 20
     expected = [int(screened_target.logits(row[None]).argmax()) for row in hidden]
     assert screened_target.greedy_tokens(hidden) == expected
+
+
+def test_a_hidden_state_that_is_not_finite_gets_the_full_logits_answer(screened_target):
+    hidden = torch.randn(3, screened_target.model.config.hidden_size)
+    hidden[1, 4] = float("nan")
+    hidden[2, 7] = float("inf")
+    expected = [int(screened_target.logits(row[None]).argmax()) for row in hidden]
+    assert screened_target.greedy_tokens(hidden) == expected
