@@ -22,10 +22,10 @@ medians in ms, interleaved in one run; BENCHMARKS.md has the whole-step numbers)
    (a quarter of the bytes) and leaves a handful of candidate rows to compute exactly. Greedy tokens at 1 / 5 / 8
    rows: 21 / 38 / 48 ms against 53 / 65 / 69 ms for the prepacked full logits. Exact, see the class.
 
-Invariant: one row goes through the stock `F.linear` on the original weights, so plain decoding computes bit for bit
-the hidden states transformers computes, and the screen makes its argmax exact. More rows go through oneDNN, which
-differs from the stock kernel only in float rounding (~1e-5 relative); the benchmark checks that greedy outputs stay
-token-identical to transformers.
+Invariant: one row always goes through the stock `F.linear` on the original weights, so plain decoding computes bit
+for bit the hidden states transformers computes, and the screen makes its argmax exact. From a layer's threshold on
+(2 rows for the output layer, 4 for the projections) rows go through oneDNN, which differs from the stock kernel only
+in float rounding (~1e-5 relative); the benchmark checks that greedy outputs stay token-identical to transformers.
 """
 
 from __future__ import annotations
