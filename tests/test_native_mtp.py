@@ -18,6 +18,7 @@ from transformers import DynamicCache, GenerationConfig
 from transformers.cache_utils import LinearAttentionCacheLayerMixin
 from transformers.generation.candidate_generator import SinglePositionMultiTokenCandidateGenerator
 
+from engine.cpu_kernels import use_cpu_kernels
 from engine.decode import generate
 from engine.drafters import create_drafter
 from engine.drafters.base import Draft, DraftContext
@@ -119,14 +120,22 @@ def drafts_from_scratch(heads, target_hidden: torch.Tensor, tokens: list[int], k
     return drafts[:k]
 
 
+@pytest.mark.parametrize("cpu_kernels", [False, True])
 @pytest.mark.parametrize("name", ["qwen3_5", "deepseek_v3-2-layers"])
-def test_incremental_drafts_equal_a_from_scratch_recomputation(loaded, name):
+def test_incremental_drafts_equal_a_from_scratch_recomputation(loaded, checkpoints, name, cpu_kernels):
     """Commits a random text in uneven steps (as accepted drafts would) and compares every proposal with the MTP
-    module run from scratch: the MTP caches hold exactly the committed pairs, whatever happened before."""
-    target = loaded[name]
+    module run from scratch: the MTP caches hold exactly the committed pairs, whatever happened before. With the CPU
+    kernels, greedy drafts come from the target's int8 argmax screen and must still be the heads' exact argmax."""
+    if cpu_kernels:  # a fresh copy: the kernels change the model in place
+        target = load_model(str(checkpoints[name]), "cpu", "float32", progress=False)
+        assert use_cpu_kernels(target.model) > 0
+    else:
+        target = loaded[name]
     generator = torch.Generator().manual_seed(0)
     tokens = prompt_ids(PROMPTS[0]) + torch.randint(3, VOCAB, (30,), generator=generator).tolist()
     drafter = create_drafter("mtp", target, None, 3)
+    head = target.model.get_output_embeddings()
+    assert (getattr(head, "argmax_screen", None) is not None) == cpu_kernels and drafter.heads.shared_head is head
     # Random init leaves attention a small share of each MTP layer's output; enlarge it, so that any wrong entry in
     # the MTP caches changes the drafts.
     with torch.no_grad():

@@ -37,6 +37,7 @@ from engine.drafters.base import NO_DRAFT, AdaptiveDraftLength, Draft, DraftCont
 from engine.errors import ModelLoadError
 from engine.loading import LoadedModel
 from engine.sampling import SamplingParams, probabilities, sample
+from engine.target import TargetModel
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,15 @@ class MtpHeadDrafter:
         self._pending_hidden: torch.Tensor | None = None  # target states of pairs t in [c_0, N-1], not yet fed
         # carry[d]: depth d's outputs at its committed pairs t in [c_{d+1}, c_d), which depth d+1 has yet to read
         self._carry: list[torch.Tensor | None] = []
+        # Greedy drafts can take the target's greedy tokens (its exact int8 argmax screen on CPU, see
+        # TargetModel.greedy_tokens) when the heads project exactly as the target's output layer: the same module,
+        # no muP scaling of the hidden state, no vocabulary cut.
+        config = heads.config
+        unpadded = getattr(config, "unpadded_vocab_size", None)
+        self._projects_like_target = (
+            getattr(config, "logits_mup_width_multiplier", None) is None
+            and (unpadded is None or unpadded >= heads.shared_head.out_features)
+        )
 
     def begin(self, prompt_ids: list[int], sampling: SamplingParams, generator: torch.Generator) -> None:
         self.length.current = self.length.maximum
@@ -85,7 +95,7 @@ class MtpHeadDrafter:
                 tokens[i] if i <= last else drafted[i - last - 1] for i in range(start + depth + 1, last + depth + 1)
             ]
             output = self._run(depth, hidden, pair_tokens, start)
-            self._draft(output[-1:], drafted, draft_probs)
+            self._draft(output[-1:], drafted, draft_probs, context.target)
             self._committed_pairs[depth] = max(0, last - depth)
             if depth + 1 < self.depths:
                 # Depth d+1 reads depth d's outputs for pairs [c_{d+1}, N-1]: the carried committed ones, then these;
@@ -98,7 +108,7 @@ class MtpHeadDrafter:
         position = last
         while len(drafted) < limit:
             output = self._run(self.depths - 1, output[-1:], drafted[-1:], position)
-            self._draft(output, drafted, draft_probs)
+            self._draft(output, drafted, draft_probs, context.target)
             position += 1
         for depth, committed in enumerate(self._committed_pairs):
             self._cache.layers[depth].crop(committed - self._cache.get_seq_length(depth))
@@ -121,11 +131,16 @@ class MtpHeadDrafter:
         positions = torch.arange(first_position, first_position + len(token_ids), device=device)[None]
         return self.heads.forward_layer(depth, hidden[None], positions, self._cache, input_ids=input_ids)[0]
 
-    def _draft(self, hidden: torch.Tensor, drafted: list[int], draft_probs: list[torch.Tensor]) -> None:
+    def _draft(self, hidden: torch.Tensor, drafted: list[int], draft_probs: list[torch.Tensor],
+               target: TargetModel) -> None:
         """hidden: [1, H], the output at the pair that predicts the next draft; appends the drafted token (and q)."""
+        greedy = self._sampling.greedy
+        if greedy and self._projects_like_target and target.model.get_output_embeddings() is self.heads.shared_head:
+            drafted.append(target.greedy_tokens(hidden)[0])
+            return
         # The shared head applied the way MtpModel itself does (muP scaling, unpadded vocabulary).
         logits = self.heads._project_to_logits(hidden).float()
-        if self._sampling.greedy:
+        if greedy:
             drafted.append(int(logits[0].argmax()))
             return
         q = probabilities(logits, self._sampling)[0]
