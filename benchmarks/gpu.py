@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM, StaticCache
 
+from benchmarks.methods import synchronize
+
 VERIFY_COST_POSITIONS = (1, 2, 3, 4, 5, 8, 16)
 ACCEPTANCE_RATES = (0.5, 0.6, 0.7, 0.8, 0.9)
 DRAFT_LENGTHS = (2, 4, 8)
@@ -160,7 +162,7 @@ class StaticDecoder:
 def decode_plain(decoder: StaticDecoder, prompt: list[int], new_tokens: int) -> tuple[list[int], float]:
     decoder.reset()
     decoder.step(prompt[:-1])  # prefill (not timed: both methods do the same one)
-    _synchronize(decoder.device)
+    synchronize(decoder.device)
     started = time.perf_counter()
     generated = [prompt[-1]]
     while len(generated) <= new_tokens:
@@ -181,7 +183,7 @@ def decode_speculative(
     vocab_size = decoder.model.config.vocab_size
     decoder.reset()
     decoder.step(prompt[:-1])
-    _synchronize(decoder.device)
+    synchronize(decoder.device)
     started = time.perf_counter()
     generated: list[int] = []
     last, passes = prompt[-1], 0
@@ -208,10 +210,10 @@ def verify_cost(decoder: StaticDecoder, prompt: list[int], trials: int) -> dict[
     times: dict[int, list[float]] = {n: [] for n in VERIFY_COST_POSITIONS}
     for _ in range(trials):
         for n in VERIFY_COST_POSITIONS:
-            _synchronize(decoder.device)
+            synchronize(decoder.device)
             started = time.perf_counter()
             decoder.step(prompt[:n])
-            _synchronize(decoder.device)
+            synchronize(decoder.device)
             times[n].append((time.perf_counter() - started) * 1e3)
             decoder.rollback(n)
     return {n: statistics.median(ms) for n, ms in times.items()}
@@ -306,11 +308,6 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return 0
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ class TransformersMethod:
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
             **lookup,
         )
-        _synchronize(self._loaded.device)
+        synchronize(self._loaded.device)
         seconds = time.perf_counter() - started
         return MethodRun(output[0, input_ids.shape[1] :].tolist(), seconds, self._forward_calls)
 
@@ -96,6 +96,7 @@ class EngineMethod:
         self._engine.close()
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Waits for queued accelerator work, so that a timer read after it covers the work (no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)

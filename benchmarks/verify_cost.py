@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from benchmarks.methods import synchronize
 from engine.target import TargetModel
 
 log = logging.getLogger(__name__)
@@ -57,15 +58,15 @@ def measure_verify_cost(
                 started = time.perf_counter()
                 hidden = target.forward(fed[:n], logits_for_last=0).hidden
                 target.greedy_tokens(hidden)
-                _synchronize(target.device)
+                synchronize(target.device)
                 step_done = time.perf_counter()
                 target.rollback(n)
                 head_started = time.perf_counter()
                 target.greedy_tokens(hidden)
-                _synchronize(target.device)
+                synchronize(target.device)
                 head_done = time.perf_counter()
                 target.logits(hidden)
-                _synchronize(target.device)
+                synchronize(target.device)
                 logits_done = time.perf_counter()
                 if trial:
                     times = timings.setdefault((variant, n), {"step": [], "head": [], "logits": []})
@@ -84,8 +85,3 @@ def measure_verify_cost(
             times = {name: statistics.median(values) for name, values in timings[(variant, n)].items()}
             results.append(VerifyCost(variant, n, times["step"], times["step"] / one, times["head"], times["logits"]))
     return results
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -29,6 +29,7 @@ from engine.target import TargetModel
 log = logging.getLogger(__name__)
 
 DEFAULT_NUM_DRAFT_TOKENS = 4
+DEFAULT_MAX_QUEUED_REQUESTS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +40,7 @@ class EngineOptions:
     num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS
     device: str = "auto"
     dtype: str = "auto"
-    max_queued_requests: int = 16
+    max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS
 
 
 def check_options(options: EngineOptions) -> None:
@@ -72,7 +73,9 @@ class GenerationHandle:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, drafter: Drafter, max_queued_requests: int = 16):
+    def __init__(
+        self, loaded: LoadedModel, drafter: Drafter, max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS
+    ):
         self.loaded = loaded
         self.drafter = drafter
         self.totals = EngineTotals()

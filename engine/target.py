@@ -51,6 +51,8 @@ class TargetModel:
         self._lm_head = model.get_output_embeddings()
         self._softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
         self.vocab_size = self._lm_head.out_features
+        # Set on float32 CPU models by engine.cpu_kernels.use_cpu_kernels, which runs before the target is built.
+        self._argmax_screen = getattr(self._lm_head, "argmax_screen", None)
         self._dot_error_factor = dot_error_factor(self._lm_head.in_features)
         self.cache: DynamicCache | None = None
         # For hybrid models: the tokens of the last forward and the recurrent states from before it, one per
@@ -106,10 +108,9 @@ class TargetModel:
         for rows with too many candidates, the whole row of logits is computed as `logits` does, so near-ties are
         broken exactly as the model's own head breaks them.
         """
-        screen = getattr(self._lm_head, "argmax_screen", None)
-        if screen is None or len(hidden) > screen.max_rows:
+        if self._argmax_screen is None or len(hidden) > self._argmax_screen.max_rows:
             return self.logits(hidden).argmax(dim=-1).tolist()
-        candidates, ceilings = screen.candidates(hidden)
+        candidates, ceilings = self._argmax_screen.candidates(hidden)
         tokens = []
         for row, ids, ceiling in zip(hidden, candidates, ceilings.tolist()):
             token = self._certain_argmax(row, ids, ceiling)

@@ -22,7 +22,6 @@ from pydantic import Field
 
 from engine.engine import Engine
 from engine.errors import EngineError, InvalidRequestError
-from engine.request import GenerationRequest
 from server.prompts import CodeBoundary, Prompt, chat_prompt, continuation_prompt
 from server.resident import LoadedEngine, ResidentEngine
 from server.schemas import (
@@ -105,10 +104,8 @@ def create_server(engine: Engine | Callable[[], Engine], *, auth: AuthProvider |
                 built = Prompt(text=prompt, add_special_tokens=True)
             else:
                 built = chat_prompt(loaded.engine.loaded.tokenizer, messages)
-            request = GenerationRequest(
-                built.text, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                seed=seed, stop=(*(stop or []), *built.stop), add_special_tokens=built.add_special_tokens,
-            )
+            request = built.request(max_new_tokens, stop or (), temperature=temperature, top_p=top_p, top_k=top_k,
+                                    seed=seed)
             streamed = await generate_streamed(loaded.engine, request, progress_to(ctx, max_new_tokens))
         return GenerationOutput.build(streamed.text, streamed.finish_reason, streamed.stats)
 
@@ -132,8 +129,7 @@ def create_server(engine: Engine | Callable[[], Engine], *, auth: AuthProvider |
             else:
                 built, text_filter = continuation_prompt(prefix, suffix, language), CodeBoundary(prefix)
                 mode = "continuation"
-            request = GenerationRequest(built.text, max_new_tokens=max_new_tokens, stop=(*(stop or []), *built.stop),
-                                        add_special_tokens=built.add_special_tokens)
+            request = built.request(max_new_tokens, stop or ())
             streamed = await generate_streamed(loaded.engine, request, progress_to(ctx, max_new_tokens), text_filter)
         return CodeCompletion.build(streamed.text, streamed.finish_reason, streamed.stats, mode=mode)
 

@@ -14,11 +14,10 @@ from dataclasses import replace
 from functools import partial
 
 from engine.cli import add_engine_options, engine_options
-from engine.engine import Engine, check_options
+from engine.engine import DEFAULT_MAX_QUEUED_REQUESTS, Engine, check_options
 from engine.errors import InvalidRequestError
 
 TOKEN_ENV = "MTP_MCP_TOKEN"
-DEFAULT_MAX_QUEUED_REQUESTS = 16
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ from typing import Literal
 from transformers import PreTrainedTokenizerBase
 
 from engine.errors import InvalidRequestError
+from engine.request import GenerationRequest
 from server.schemas import ChatMessage, FinishReason
 
 
@@ -24,6 +25,11 @@ class Prompt:
     text: str
     add_special_tokens: bool  # False when the text already holds them (a rendered chat template)
     stop: tuple[str, ...] = ()  # stop strings the prompt format itself needs, added to the caller's
+
+    def request(self, max_new_tokens: int, stop: Sequence[str] = (), **sampling) -> GenerationRequest:
+        """The engine request that continues this prompt; `sampling`: temperature, top_p, top_k, seed."""
+        return GenerationRequest(self.text, max_new_tokens=max_new_tokens, stop=(*stop, *self.stop),
+                                 add_special_tokens=self.add_special_tokens, **sampling)
 
 
 TRANSCRIPT_NAMES = {"user": "User", "assistant": "Assistant"}

@@ -80,14 +80,7 @@ class GenerationOutput(BaseModel):
             finish_reason=finish_reason,
             prompt_tokens=stats.prompt_tokens,
             completion_tokens=stats.new_tokens,
-            speculation=Speculation(
-                drafter=stats.drafter,
-                target_passes=stats.target_passes,
-                mean_tokens_per_pass=round(stats.mean_tokens_per_pass, 4),
-                acceptance_rate=round(stats.acceptance_rate, 4),
-                draft_tokens_proposed=stats.draft_tokens_proposed,
-                draft_tokens_accepted=stats.draft_tokens_accepted,
-            ),
+            speculation=Speculation.model_validate(stats.to_dict()),  # the fields it names; the rest is ignored
             timing=Timing(
                 time_to_first_token_s=round(stats.time_to_first_token_s, 4),
                 tokens_per_second=round(stats.tokens_per_second, 3),

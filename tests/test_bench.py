@@ -11,8 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-import torch.nn.functional as F
 
 from benchmarks.workloads import WORKLOAD_NAMES, cut_after_def
 from engine.cli import main

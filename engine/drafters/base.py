@@ -33,7 +33,7 @@ class DraftContext:
     # Target hidden states that arrived since the last proposal: new_hidden[j] is the state at the position before
     # token_ids[-len(new_hidden) + j], i.e. the one that predicted it. MTP heads consume these (h_t, x_{t+1}) pairs.
     new_hidden: torch.Tensor
-    target: TargetModel  # read-only: for drafters that attend to the target's KV cache
+    target: TargetModel  # read-only: for drafters that attend to the target's KV cache or share its output layer
 
 
 class Drafter(Protocol):

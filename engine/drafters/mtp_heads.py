@@ -58,8 +58,8 @@ class MtpHeadDrafter:
         # carry[d]: depth d's outputs at its committed pairs t in [c_{d+1}, c_d), which depth d+1 has yet to read
         self._carry: list[torch.Tensor | None] = []
         # Greedy drafts can take the target's greedy tokens (its exact int8 argmax screen on CPU, see
-        # TargetModel.greedy_tokens) when the heads project exactly as the target's output layer: the same module,
-        # no muP scaling of the hidden state, no vocabulary cut.
+        # TargetModel.greedy_tokens) when the heads project exactly as the target's output layer: shared_head is
+        # that layer (load_mtp_heads ties it), so it suffices that there is no muP scaling and no vocabulary cut.
         config = heads.config
         unpadded = getattr(config, "unpadded_vocab_size", None)
         self._projects_like_target = (
@@ -135,7 +135,7 @@ class MtpHeadDrafter:
                target: TargetModel) -> None:
         """hidden: [1, H], the output at the pair that predicts the next draft; appends the drafted token (and q)."""
         greedy = self._sampling.greedy
-        if greedy and self._projects_like_target and target.model.get_output_embeddings() is self.heads.shared_head:
+        if greedy and self._projects_like_target:
             drafted.append(target.greedy_tokens(hidden)[0])
             return
         # The shared head applied the way MtpModel itself does (muP scaling, unpadded vocabulary).
