@@ -35,6 +35,12 @@ from engine.cpu_kernels import dot_error_factor
 
 # A row with more candidates than this is computed in full (rare: the bound is loose only for flat distributions).
 _MAX_RESCORED_CANDIDATES = 2048
+# Prompts are fed in chunks of this many tokens. Attention over the whole prompt at once costs prompt_length^2 per
+# layer even where a sliding window or the causal mask hides most of it; in chunks a sliding-window layer attends to
+# at most window + chunk keys and a full layer to the keys up to its chunk. Gemma 3 270M, CPU, 1 thread, prefill
+# time at 500 / 1,357 / 4,000 tokens: 1.23 / 4.51 / 18.70 s in one piece, 1.20 / 3.75 / 11.25 s in chunks of 512
+# (256: 1.26 / 3.89 / 10.48 s; 1,024: 1.24 / 3.81 / 12.74 s). Large enough that the projections stay efficient.
+PREFILL_CHUNK_TOKENS = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,8 +50,9 @@ class TargetOutput:
 
 
 class TargetModel:
-    def __init__(self, model: PreTrainedModel):
+    def __init__(self, model: PreTrainedModel, prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS):
         self.model = model
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.device = model.device
         self._decoder = model.get_decoder()
         self._lm_head = model.get_output_embeddings()
@@ -67,7 +74,7 @@ class TargetModel:
     @torch.inference_mode()
     def prefill(self, token_ids: list[int]) -> torch.Tensor:
         """Starts a new sequence (the previous cache is dropped, so its memory is freed) with token_ids in the cache,
-        possibly none. Returns their final hidden states [n, H]."""
+        possibly none, fed in chunks of prefill_chunk_tokens. Returns their final hidden states [n, H]."""
         self.cache = DynamicCache(config=self.model.config)
         # Sliding-window layers and convolution states must keep what they would evict until we know the drafts
         # were accepted.
@@ -76,10 +83,13 @@ class TargetModel:
         if not token_ids:  # a one-token prompt: its only token is the first input of the first step
             hidden_size = self.model.config.get_text_config().hidden_size
             return torch.empty(0, hidden_size, dtype=self.model.dtype, device=self.device)
-        hidden = self._feed(token_ids)
-        # A prefill is never rolled back: drop at once what was held back for a rollback.
-        self.cache.crop(0)
-        return hidden
+        hidden = []
+        for start in range(0, len(token_ids), self.prefill_chunk_tokens):
+            hidden.append(self._feed(token_ids[start : start + self.prefill_chunk_tokens]))
+            # A prefill is never rolled back: drop at once what sliding-window layers hold back for a rollback, so
+            # that they keep one window, not the whole prompt.
+            self.cache.crop(0)
+        return torch.cat(hidden)
 
     def release(self) -> None:
         """Drops the cache between requests so its memory does not outlive the request."""

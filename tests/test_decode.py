@@ -32,9 +32,9 @@ def reference(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     return out[0, len(prompt_ids):].tolist()
 
 
-def run(model, drafter, prompt_ids, max_new_tokens=40, **request_fields):
+def run(model, drafter, prompt_ids, max_new_tokens=40, prefill_chunk_tokens=512, **request_fields):
     request = GenerationRequest(prompt="unused: ids are given", max_new_tokens=max_new_tokens, **request_fields)
-    return generate(TargetModel(model), drafter, TOKENIZER, request, prompt_ids, EOS, CONTEXT,
+    return generate(TargetModel(model, prefill_chunk_tokens), drafter, TOKENIZER, request, prompt_ids, EOS, CONTEXT,
                     cancel=request_fields.pop("cancel", None))
 
 
@@ -89,6 +89,20 @@ def test_greedy_output_is_identical_to_transformers_generate(drafter_name, promp
     assert result.stats.new_tokens == len(expected)
     if drafter_name == "draft-model-self":  # a perfect drafter: several tokens per target pass
         assert result.stats.mean_tokens_per_pass > 3
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8, 13])
+def test_a_prompt_fed_in_chunks_gives_the_same_states_and_output(chunk):
+    # Chunks smaller than, equal to and larger than the sliding window (8), so windows move within and across chunks.
+    model = tiny_gemma3(seed=0)
+    prompt_ids = TOKENIZER(" ".join(PROMPTS[:2]))["input_ids"]
+    assert len(prompt_ids) > 3 * chunk
+    whole = TargetModel(model, prefill_chunk_tokens=len(prompt_ids)).prefill(prompt_ids)
+    chunked = TargetModel(model, prefill_chunk_tokens=chunk)
+    torch.testing.assert_close(chunked.prefill(prompt_ids), whole)
+    assert chunked.cache_length == len(prompt_ids)
+    result = run(model, PromptLookupDrafter(4), prompt_ids, prefill_chunk_tokens=chunk)
+    assert result.token_ids == reference(model, prompt_ids, 40)
 
 
 @pytest.mark.parametrize("drafter_name", ["ngram", "draft-model-other"])

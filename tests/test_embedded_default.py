@@ -4,10 +4,12 @@ import json
 
 import pytest
 
+from benchmarks.workloads import cut_after_def, workloads_dir
 from engine.cli import main
 from engine.drafters.autoregressive import NoDrafter
 from engine.engine import Engine, EngineOptions
 from engine.request import GenerationRequest
+from engine.target import PREFILL_CHUNK_TOKENS
 
 PROMPTS = [
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\n\ndef factorial(n):\n",
@@ -59,6 +61,19 @@ def test_plain_decoding_through_the_cpu_kernels_matches_transformers_generate(em
         assert result.token_ids == expected[0, prompt_ids.shape[1] :].tolist()
     finally:
         screened.close()
+
+
+def test_a_prompt_longer_than_a_prefill_chunk_and_the_sliding_window_matches_transformers_generate(
+        embedded_model, engines):
+    # ~700 tokens: fed in two chunks (engine.target.PREFILL_CHUNK_TOKENS), past Gemma 3's 512-token sliding window.
+    _, lookup = engines
+    prompt = cut_after_def((workloads_dir() / "code" / "colorsys.py").read_text(encoding="utf-8"), 2300)
+    prompt_ids = embedded_model.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    assert PREFILL_CHUNK_TOKENS < prompt_ids.shape[1] < 2 * PREFILL_CHUNK_TOKENS
+    assert embedded_model.model.config.sliding_window < prompt_ids.shape[1]
+    expected = embedded_model.model.generate(prompt_ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+    result = lookup.generate(GenerationRequest(prompt, max_new_tokens=NEW_TOKENS))
+    assert result.token_ids == expected[0, prompt_ids.shape[1] :].tolist()
 
 
 def test_drafting_accepts_tokens_on_repetitive_code(engines):
