@@ -37,10 +37,11 @@ from engine.cpu_kernels import dot_error_factor
 _MAX_RESCORED_CANDIDATES = 2048
 # Prompts are fed in chunks of this many tokens. Attention over the whole prompt at once costs prompt_length^2 per
 # layer even where a sliding window or the causal mask hides most of it; in chunks a sliding-window layer attends to
-# at most window + chunk keys and a full layer to the keys up to its chunk. Gemma 3 270M, CPU, 1 thread, prefill
-# time at 500 / 1,357 / 4,000 tokens: 1.23 / 4.51 / 18.70 s in one piece, 1.20 / 3.75 / 11.25 s in chunks of 512
-# (256: 1.26 / 3.89 / 10.48 s; 1,024: 1.24 / 3.81 / 12.74 s). Large enough that the projections stay efficient.
-PREFILL_CHUNK_TOKENS = 512
+# at most window + chunk keys and a full layer to the keys up to its chunk. Gemma 3 270M, CPU, 1 thread, seconds at
+# 500 / 1,357 / 4,000 tokens (python -m benchmarks.prefill_cost, best of two runs of it): one piece 1.06 / 3.93 /
+# 17.92, chunks of 256: 1.07 / 3.41 / 10.70, of 512: 1.06 / 3.76 / 11.37, of 1,024: 1.09 / 4.11 / 11.85 (chunks of
+# 128 were slower than 256 at 500 and 4,000 tokens in an earlier run: smaller products, more passes).
+PREFILL_CHUNK_TOKENS = 256
 
 
 @dataclass(frozen=True, slots=True)

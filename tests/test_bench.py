@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import prefill_cost
 from benchmarks.workloads import WORKLOAD_NAMES, cut_after_def
 from engine.cli import main
 from tiny_checkpoints import build_tiny_checkpoint
@@ -50,6 +51,17 @@ def test_bench_prints_table_and_writes_json_and_plot(tiny_dir, tmp_path, capsys)
         assert summaries[(workload, "engine-ngram")]["tokens_per_pass"] >= 1.0
     assert document["meta"]["engine_kernels"] == "engine.cpu_kernels"
     assert plot_path.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_prefill_cost_times_one_piece_and_every_chunk_size(tiny_dir, capsys):
+    prefill_cost.main(["--model", tiny_dir, "--repeats", "1", "--lengths", "300,600"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split(" | ")[2:] == [f"chunks of {chunk}" for chunk in prefill_cost.CHUNKS]
+    for line, length in zip(lines[2:], (300, 600), strict=True):
+        cells = line.split(" | ")
+        assert int(cells[0]) == length and len(cells) == 2 + len(prefill_cost.CHUNKS)
+        # the hidden states of a chunked prefill equal the one-piece prefill's to float rounding
+        assert all(float(cell.split("(")[1].rstrip(")")) < 1e-3 for cell in cells[2:])
 
 
 def test_verify_cost_times_every_position_count_for_both_kernels(tiny_dir, tmp_path, capsys):

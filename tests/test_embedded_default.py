@@ -63,14 +63,13 @@ def test_plain_decoding_through_the_cpu_kernels_matches_transformers_generate(em
         screened.close()
 
 
-def test_a_prompt_longer_than_a_prefill_chunk_and_the_sliding_window_matches_transformers_generate(
+def test_a_prompt_longer_than_a_prefill_chunk_and_the_window_matches_transformers_generate(
         embedded_model, engines):
-    # ~700 tokens: fed in two chunks (engine.target.PREFILL_CHUNK_TOKENS), past Gemma 3's 512-token sliding window.
+    # ~700 tokens: fed in several chunks (engine.target.PREFILL_CHUNK_TOKENS), past Gemma 3's 512-token window.
     _, lookup = engines
     prompt = cut_after_def((workloads_dir() / "code" / "colorsys.py").read_text(encoding="utf-8"), 2300)
     prompt_ids = embedded_model.tokenizer(prompt, return_tensors="pt")["input_ids"]
-    assert PREFILL_CHUNK_TOKENS < prompt_ids.shape[1] < 2 * PREFILL_CHUNK_TOKENS
-    assert embedded_model.model.config.sliding_window < prompt_ids.shape[1]
+    assert max(PREFILL_CHUNK_TOKENS, embedded_model.model.config.sliding_window) < prompt_ids.shape[1]
     expected = embedded_model.model.generate(prompt_ids, max_new_tokens=NEW_TOKENS, do_sample=False)
     result = lookup.generate(GenerationRequest(prompt, max_new_tokens=NEW_TOKENS))
     assert result.token_ids == expected[0, prompt_ids.shape[1] :].tolist()
