@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--model", default=None, help="model path (default: the embedded Gemma 3 270M)")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="prompt lengths in tokens, comma-separated")
+    parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)),
+                        help="prompt lengths in tokens, comma-separated")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
