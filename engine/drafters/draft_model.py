@@ -8,13 +8,16 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from engine.drafters.base import NO_DRAFT, AdaptiveDraftLength, Draft, DraftContext
 from engine.errors import InvalidRequestError
 from engine.sampling import SamplingParams, probabilities, sample
+from engine.target import PREFILL_CHUNK_TOKENS
 
 
 class DraftModelDrafter:
     name = "draft-model"
 
-    def __init__(self, model: PreTrainedModel, num_draft_tokens: int):
+    def __init__(self, model: PreTrainedModel, num_draft_tokens: int, prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS):
         self.model = model
+        # The prompt reaches the draft model in one feed; in chunks for the reason engine.target gives.
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.length = AdaptiveDraftLength(num_draft_tokens)
         self._cache: DynamicCache | None = None
         self._cached_ids: list[int] = []  # the tokens whose states are in self._cache, in order
@@ -69,9 +72,11 @@ class DraftModelDrafter:
 
     def _forward(self, token_ids: list[int]) -> torch.Tensor:
         """Feeds token_ids into the draft cache; returns the logits after the last one ([V], float32)."""
-        input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.model.device)
-        out = self.model(input_ids=input_ids, cache=self._cache, use_cache=True, logits_to_keep=1)
-        self._cached_ids.extend(token_ids)
+        for start in range(0, len(token_ids), self.prefill_chunk_tokens):
+            chunk = token_ids[start : start + self.prefill_chunk_tokens]
+            input_ids = torch.tensor([chunk], dtype=torch.long, device=self.model.device)
+            out = self.model(input_ids=input_ids, cache=self._cache, use_cache=True, logits_to_keep=1)
+            self._cached_ids.extend(chunk)
         return out.logits[0, -1].float()
 
     def observe(self, proposed: int, accepted: int) -> None:
