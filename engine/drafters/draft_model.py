@@ -16,7 +16,7 @@ class DraftModelDrafter:
 
     def __init__(self, model: PreTrainedModel, num_draft_tokens: int, prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS):
         self.model = model
-        # The prompt reaches the draft model in one feed; in chunks for the reason engine.target gives.
+        # A long feed (the prompt, at the first proposal) goes in chunks of this many tokens: see engine.target.
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.length = AdaptiveDraftLength(num_draft_tokens)
         self._cache: DynamicCache | None = None
