@@ -12,7 +12,7 @@ from engine.drafters.draft_model import DraftModelDrafter
 from engine.drafters.prompt_lookup import PromptLookupDrafter
 from engine.request import GenerationRequest
 from engine.sampling import SamplingParams, probabilities
-from engine.target import TargetModel
+from engine.target import PREFILL_CHUNK_TOKENS, TargetModel
 from tiny_models import CONTEXT, VOCAB, tiny_gemma3, tiny_llama, train_tiny_tokenizer
 
 TOKENIZER = train_tiny_tokenizer(VOCAB)
@@ -32,7 +32,7 @@ def reference(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     return out[0, len(prompt_ids):].tolist()
 
 
-def run(model, drafter, prompt_ids, max_new_tokens=40, prefill_chunk_tokens=512, **request_fields):
+def run(model, drafter, prompt_ids, max_new_tokens=40, prefill_chunk_tokens=PREFILL_CHUNK_TOKENS, **request_fields):
     request = GenerationRequest(prompt="unused: ids are given", max_new_tokens=max_new_tokens, **request_fields)
     return generate(TargetModel(model, prefill_chunk_tokens), drafter, TOKENIZER, request, prompt_ids, EOS, CONTEXT,
                     cancel=request_fields.pop("cancel", None))

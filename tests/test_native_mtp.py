@@ -27,7 +27,7 @@ from engine.errors import InvalidRequestError, ModelLoadError
 from engine.loading import LoadedModel, load_model
 from engine.request import GenerationRequest
 from engine.sampling import SamplingParams, probabilities
-from engine.target import TargetModel
+from engine.target import PREFILL_CHUNK_TOKENS, TargetModel
 
 TOKENIZER = train_tiny_tokenizer(VOCAB)
 EOS = frozenset({TOKENIZER.eos_token_id})
@@ -74,8 +74,8 @@ def reference(model, ids: list[int], max_new_tokens: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-def run(target: LoadedModel, drafter, ids: list[int], max_new_tokens: int = 40, eos_ids=EOS, prefill_chunk_tokens=512,
-        **request_fields):
+def run(target: LoadedModel, drafter, ids: list[int], max_new_tokens: int = 40, eos_ids=EOS,
+        prefill_chunk_tokens=PREFILL_CHUNK_TOKENS, **request_fields):
     request = GenerationRequest(prompt="unused: ids are given", max_new_tokens=max_new_tokens, **request_fields)
     return generate(TargetModel(target.model, prefill_chunk_tokens), drafter, TOKENIZER, request, ids, eos_ids,
                     CONTEXT)
