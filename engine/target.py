@@ -37,10 +37,10 @@ from engine.cpu_kernels import dot_error_factor
 _MAX_RESCORED_CANDIDATES = 2048
 # Prompts are fed in chunks of this many tokens. Attention over the whole prompt at once costs prompt_length^2 per
 # layer even where a sliding window or the causal mask hides most of it; in chunks a sliding-window layer attends to
-# at most window + chunk keys and a full layer to the keys up to its chunk. Gemma 3 270M, CPU, 1 thread, seconds at
-# 500 / 1,357 / 4,000 tokens (python -m benchmarks.prefill_cost, best of two runs of it): one piece 1.06 / 3.93 /
-# 17.92, chunks of 256: 1.07 / 3.41 / 10.70, of 512: 1.06 / 3.76 / 11.37, of 1,024: 1.09 / 4.11 / 11.85 (chunks of
-# 128 were slower than 256 at 500 and 4,000 tokens in an earlier run: smaller products, more passes).
+# at most window + chunk keys and a full layer to the keys up to its chunk. Gemma 3 270M, CPU, 1 thread, ranges of
+# three runs of python -m benchmarks.prefill_cost (BENCHMARKS.md): 4,000 tokens take 17.65-18.70 s in one piece,
+# 10.48-11.05 s in chunks of 256 (512: 11.25-11.43, 1,024 and 128: over 11.5); 1,357 tokens ~8% less in chunks,
+# within noise; 500 tokens the same. Chunk sizes of 256 and 512 are about even below 1,500 tokens.
 PREFILL_CHUNK_TOKENS = 256
 
 
