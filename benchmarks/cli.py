@@ -33,7 +33,7 @@ from engine.cli import add_engine_options
 from engine.cpu_kernels import use_cpu_kernels
 from engine.drafters import DRAFTER_NAMES, Drafter, create_drafter
 from engine.errors import InvalidRequestError, ModelLoadError
-from engine.loading import LoadedModel, load_model
+from engine.loading import LoadedModel, load_model, resolve_quantize
 from engine.target import TargetModel
 
 log = logging.getLogger("mtp-mcp.bench")
@@ -77,7 +77,8 @@ def run_bench(args: argparse.Namespace) -> int:
     _check_optional_packages(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    # transformers runs the float model (a GGUF dequantized): the reference every engine row is checked against.
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, quantize="none")
     memory = PeakMemory(loaded.device)
     meta = machine_info() | {
         "arguments": {name: value if isinstance(value, int | float | list | None) else str(value)
@@ -94,7 +95,7 @@ def run_bench(args: argparse.Namespace) -> int:
     prompts = load_prompts(args.workloads, loaded.tokenizer, args.prompts_per_workload)
     _check_prompts_fit(prompts, loaded, args.max_new_tokens)
     repeats = args.repeats or DEFAULT_REPEATS
-    engine_loaded = loaded if args.stock_kernels else _with_cpu_kernels(loaded)
+    engine_loaded = _engine_model(args, loaded)
     drafters = _drafters(args, engine_loaded)
     methods: list[Method] = [TransformersMethod(loaded, None), TransformersMethod(loaded, TRANSFORMERS_LOOKUP_TOKENS)]
     methods += [EngineMethod(engine_loaded, drafter) for drafter in drafters]
@@ -128,6 +129,18 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engine_model(args: argparse.Namespace, loaded: LoadedModel) -> LoadedModel:
+    """The model the engine rows run: the float reference with the CPU kernels, or (--quantize int8, or auto for a
+    GGUF on CPU) a second copy with int8 weights, whose greedy tokens then agree with the reference's rather than
+    equal them."""
+    int8 = resolve_quantize(args.quantize, loaded.device, loaded.dtype, is_gguf=loaded.path.endswith(".gguf"))
+    if int8:
+        int8_loaded = load_model(args.model, device=args.device, dtype=args.dtype, quantize="int8")
+        use_cpu_kernels(int8_loaded.model)
+        return int8_loaded
+    return loaded if args.stock_kernels else _with_cpu_kernels(loaded)
+
+
 def _run_verify_cost(args: argparse.Namespace, loaded: LoadedModel, meta: dict) -> int:
     # Real tokens, so attention sees a realistic cache: the first code prompt, repeated if it is short.
     text = load_prompts(["code"], loaded.tokenizer, 1)[0].text
@@ -137,6 +150,9 @@ def _run_verify_cost(args: argparse.Namespace, loaded: LoadedModel, meta: dict) 
     targets = {"stock": TargetModel(loaded.model)}
     if not args.stock_kernels:
         targets["engine"] = TargetModel(_with_cpu_kernels(loaded).model)
+        engine_model = _engine_model(args, loaded)
+        if engine_model.quantization == "int8":
+            targets["engine-int8"] = TargetModel(engine_model.model)
     costs = measure_verify_cost(targets, token_ids, args.repeats or DEFAULT_VERIFY_COST_TRIALS)
     print(verify_cost_table(costs))
     if args.json:

@@ -14,6 +14,7 @@ import sys
 from engine.drafters import DRAFTER_NAMES
 from engine.engine import DEFAULT_NUM_DRAFT_TOKENS, Engine, EngineOptions
 from engine.errors import EngineError, InvalidRequestError, ModelLoadError
+from engine.loading import QUANTIZE_CHOICES
 from engine.request import GenerationRequest
 
 USAGE_ERROR = 2
@@ -31,6 +32,9 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="auto: float32 on CPU, bfloat16 on CUDA")
+    group.add_argument("--quantize", default="auto", choices=list(QUANTIZE_CHOICES),
+                       help="weights of the linear layers and embedding: auto (int8 for a .gguf on CPU, as loaded "
+                       "from its blocks; otherwise what the checkpoint is), none (float), int8 (CPU, float32)")
     group.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
@@ -42,6 +46,7 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
         num_draft_tokens=args.num_draft_tokens,
         device=args.device,
         dtype=args.dtype,
+        quantize=args.quantize,
     )
 
 

@@ -32,10 +32,11 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 
 import torch
 import torch.nn.functional as F
+
+from engine.int8_weights import Int8Linear, split_residue, two_level_product
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +83,6 @@ class PrepackedLinear(torch.nn.Module):
 # Unit roundoff of float32, and the dot-product error factor gamma_K = K u / (1 - K u): any float32 summation order
 # (blocked, FMA, SIMD lanes) of a K-term dot product x . w lands within gamma_K * sum|x_i w_i| of the exact value.
 _FLOAT32_UNIT_ROUNDOFF = 2.0**-24
-# The two activation levels are integers in [-63, 63]; with one extra row holding -63 and 64, fbgemm's dynamic
-# quantization (7-bit range 0..127 with reduce_range) picks scale 1 and zero point 63, so it quantizes them exactly.
-_LEVEL_MAX = 63
-_PAD_VALUES = (-63.0, 64.0)
 
 
 def dot_error_factor(terms: int) -> float:
@@ -100,70 +97,60 @@ class Int8ArgmaxScreen:
 
     Why: greedy decoding needs only the argmax, and the output layer is memory-bound (Gemma 3 270M: 671 MB of
     float32 per pass, half of a one-token forward on CPU). The screen is exact, not a heuristic:
-      W_v ~ s_v q_v with q_v int8 (per-row scale), and h ~ h_hat = a_1 z_1 + a_2 z_2 with z_1, z_2 integer vectors in
-      [-63, 63] (z_2 quantizes what z_1 leaves; the rest r = h - h_hat is about 1/8000 of max|h|). fbgemm computes
-      z_l . q_v exactly in int32, so approx_v = sum_l a_l s_v (z_l . q_v) up to a few float roundings, and
+      W_v ~ s_v q_v with q_v int8 (per-row scale), and h ~ h_hat = a (z_1 + z_2 / 126) with z_1, z_2 integer vectors in
+      [-63, 63] (engine/int8_weights.two_level_product: the rest r = h - h_hat is at most max|h|/15876). fbgemm
+      computes z_l . q_v exactly in int32, so approx_v = sum_l a_l s_v (z_l . q_v) up to a few float roundings, and
         |h . W_v - approx_v| <= |h| |W_v - s_v q_v| + |r| |s_v q_v| + rounding       (Cauchy-Schwarz),
       where the per-row norms are computed once here. The bound also covers the float rounding of any kernel that
       computes h . W_v in float32 (gamma_K |h| |W_v|). So every row whose upper bound reaches the largest lower bound
       is kept, and the row holding the float32 argmax is always among them.
+    For an int8 output layer (engine/int8_weights.Int8Linear) W is s q itself: the screen reads the layer's own
+    int8 rows (no copy) and its weight error is rounding alone.
     Measured on Gemma 3 270M hidden states (1,874 positions of the benchmark texts): median 8 candidates, max 366;
     about 1% of positions then need their full row of logits (a near-tie within rounding, see TargetModel).
-    The integer trick relies on fbgemm's choice of quantization parameters; the constructor checks it on random
-    inputs and raises RuntimeError if the products are not exact, so a changed torch falls back to float32.
+    The integer trick relies on fbgemm's choice of quantization parameters; Int8Linear checks it on random inputs
+    and raises RuntimeError if the products are not exact, so a changed torch falls back to float32.
     """
 
     # fbgemm's time grows with rows (two per hidden row): at 16 hidden rows the screen costs more than the prepacked
     # full logits (125 vs 91 ms on Gemma 3 270M), at 8 it is still cheaper (48 vs 69 ms).
     max_rows = 8
 
-    def __init__(self, weight: torch.Tensor, chunk_rows: int = 16384):
-        weight = weight.detach()
-        vocab, self.in_features = weight.shape
-        gamma = dot_error_factor(self.in_features)
-        scale = torch.empty(vocab, dtype=torch.float32)
-        quantized = torch.empty(vocab, self.in_features, dtype=torch.int8)
-        # |W_v - s_v q_v| + gamma |W_v| (multiplies |h|) and |s_v q_v| (multiplies |r|), per vocabulary row.
-        self._weight_error = torch.empty(vocab, dtype=torch.float32)
-        self._dequantized_norm = torch.empty(vocab, dtype=torch.float32)
-        for start in range(0, vocab, chunk_rows):  # in chunks: small temporaries
-            rows = weight[start : start + chunk_rows].float()
-            row_scale = (rows.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
-            q = torch.round(rows / row_scale[:, None]).clamp(-127, 127)
-            dequantized = q * row_scale[:, None]
-            row_norm = rows.norm(dim=1)
-            scale[start : start + chunk_rows] = row_scale
-            quantized[start : start + chunk_rows] = q.to(torch.int8)
-            # Norms in float32 are off by a few u relative to |W_v|: the 1e-5 |W_v| added covers that with room.
-            self._weight_error[start : start + chunk_rows] = (
-                (rows - dequantized).norm(dim=1) + (gamma + 1e-5) * row_norm)
-            self._dequantized_norm[start : start + chunk_rows] = dequantized.norm(dim=1) * (1 + 1e-5)
+    def __init__(self, int8_rows: Int8Linear, weight_error: torch.Tensor | None = None):
+        """int8_rows: s q. weight_error [V], which multiplies |h|: |W_v - s_v q_v| + (gamma_K + 1e-5) |W_v| for a
+        float weight W screened through an int8 copy; None when W is s q itself (rounding alone)."""
+        self.in_features = int8_rows.in_features
+        self._int8_rows = int8_rows
+        # |s_v q_v| (multiplies |r|); norms in float32 are off by a few u relative to the exact ones: 1e-5 covers it.
+        self._dequantized_norm = torch.cat([
+            int8_rows.dequantized_rows(torch.arange(start, min(start + 16384, int8_rows.out_features))).norm(dim=1)
+            for start in range(0, int8_rows.out_features, 16384)]) * (1 + 1e-5)
+        if weight_error is None:
+            weight_error = (dot_error_factor(self.in_features) + 1e-5) * self._dequantized_norm
+        self._weight_error = weight_error
         self._max_weight_error = float(self._weight_error.max())
         self._max_dequantized_norm = float(self._dequantized_norm.max())
-        with warnings.catch_warnings():  # quantized tensors are deprecated in torch's Python API, fbgemm is not
-            warnings.simplefilter("ignore")
-            qweight = torch._make_per_channel_quantized_tensor(
-                quantized, scale.double(), torch.zeros(vocab, dtype=torch.long), 0)
-            self._packed = torch.ops.quantized.linear_prepack(qweight, None)
-        self._pad = torch.zeros(1, self.in_features)
-        self._pad[0, :2] = torch.tensor(_PAD_VALUES)
-        self._check_exact(quantized, scale)
+
+    @classmethod
+    def for_float_weight(cls, weight: torch.Tensor, chunk_rows: int = 16384) -> Int8ArgmaxScreen:
+        """A screen over an int8 copy of a float32 weight [V, K]."""
+        weight = weight.detach()
+        int8_rows = Int8Linear.from_float(weight, chunk_rows=chunk_rows)
+        gamma = dot_error_factor(weight.shape[1])
+        weight_error = torch.cat([
+            (rows.float() - int8_rows.dequantized_rows(torch.arange(start, start + len(rows)))).norm(dim=1)
+            + (gamma + 1e-5) * rows.float().norm(dim=1)
+            for start in range(0, len(weight), chunk_rows)
+            for rows in [weight[start : start + chunk_rows]]])
+        return cls(int8_rows, weight_error)
 
     def candidates(self, hidden: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """hidden: [n, K] float32. Returns, per row, the ascending vocabulary ids that may hold the argmax of the
         float32 logits, and [n] ceilings: every id left out has a float32 logit below its row's ceiling. A row that
         is not finite gets no ids."""
         h = hidden.float()
-        rows = h.shape[0]
-        levels, scales, rest = [], [], h
-        for _ in range(2):
-            level_scale = rest.abs().amax(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / _LEVEL_MAX
-            level = torch.round(rest / level_scale)
-            rest = rest - level * level_scale
-            levels.append(level)
-            scales.append(level_scale)
-        products = torch.ops.quantized.linear_dynamic(torch.cat([*levels, self._pad]), self._packed, True)
-        approx = torch.addcmul(products[rows : 2 * rows] * scales[1], products[:rows], scales[0])
+        approx = two_level_product(h, self._int8_rows.packed, self._int8_rows.pad)
+        rest = split_residue(h, self._int8_rows.pad)
         h_norm = h.norm(dim=1)
         # rest was computed in float32: add a few roundings of |h| to its norm. The constant term covers the float
         # roundings of approx itself (a handful of u relative to |h| |s_v q_v|), with a wide margin.
@@ -175,7 +162,7 @@ class Int8ArgmaxScreen:
         # row with the largest lower bound and every row whose upper bound reaches it lie there.
         near_top = approx >= (approx.amax(dim=1) - 2 * widest)[:, None]
         candidates, ceilings = [], []
-        for row in range(rows):
+        for row in range(h.shape[0]):
             ids = near_top[row].nonzero()[:, 0]
             if len(ids) == 0:  # NaN or inf in the hidden state: no bound holds, leave the row to the full logits
                 candidates.append(ids)
@@ -188,16 +175,6 @@ class Int8ArgmaxScreen:
             ceilings.append(ceiling)
         return candidates, torch.stack(ceilings)
 
-    def _check_exact(self, quantized: torch.Tensor, scale: torch.Tensor) -> None:
-        """Raises RuntimeError unless fbgemm returns s_v (z . q_v) for integer rows z, to float rounding."""
-        generator = torch.Generator().manual_seed(0)
-        z = torch.randint(-_LEVEL_MAX, _LEVEL_MAX + 1, (3, self.in_features), generator=generator).float()
-        got = torch.ops.quantized.linear_dynamic(torch.cat([z, self._pad]), self._packed, True)[:3, :4096].double()
-        exact = (z.double() @ quantized[:4096].double().T) * scale[:4096].double()
-        tolerance = 8 * _FLOAT32_UNIT_ROUNDOFF * (z.double().norm(dim=1, keepdim=True) * self._dequantized_norm[:4096])
-        if not bool(((got - exact).abs() <= tolerance).all()):
-            raise RuntimeError("fbgemm's int8 linear does not compute integer inputs exactly in this torch build")
-
 
 def use_cpu_kernels(model: torch.nn.Module) -> int:
     """Applies the kernels above to a float32 CPU model, in place: swaps the output layer (and, memory allowing,
@@ -205,6 +182,10 @@ def use_cpu_kernels(model: torch.nn.Module) -> int:
     Returns how many modules were swapped: 0 when the model is not float32 on CPU, torch lacks oneDNN, or the output
     layer is not a plain Linear. Call it after the model has its final device and dtype."""
     head = model.get_output_embeddings()
+    if isinstance(head, Int8Linear):  # int8 weights (engine/int8_weights.py): screen the layer's own rows
+        head.argmax_screen = Int8ArgmaxScreen(head)
+        log.info("CPU kernels: int8 weights, int8 argmax screen for greedy decoding")
+        return 0
     parameter = next(model.parameters())
     usable = (
         parameter.device.type == "cpu"
@@ -218,7 +199,7 @@ def use_cpu_kernels(model: torch.nn.Module) -> int:
         return 0
     packed_head = PrepackedLinear(head, HEAD_PACKED_MIN_ROWS)
     try:
-        packed_head.argmax_screen = Int8ArgmaxScreen(head.weight)
+        packed_head.argmax_screen = Int8ArgmaxScreen.for_float_weight(head.weight)
     except (RuntimeError, NotImplementedError) as error:  # no fbgemm in this torch build, or not exact
         log.info("greedy decoding reads the float32 output layer: %s", error)
     model.set_output_embeddings(packed_head)

@@ -21,7 +21,7 @@ from engine.decode import TextCallback, generate
 from engine.drafters import check_drafter_choice, create_drafter
 from engine.drafters.base import Drafter
 from engine.errors import EngineBusyError, EngineClosedError, EngineError, InvalidRequestError
-from engine.loading import LoadedModel, check_source, load_model, resolve_device, resolve_dtype
+from engine.loading import LoadedModel, check_source, load_model, resolve_device, resolve_dtype, resolve_quantize
 from engine.request import GenerationRequest, GenerationResult
 from engine.stats import EngineTotals, GenerationStats
 from engine.target import TargetModel
@@ -40,12 +40,15 @@ class EngineOptions:
     num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS
     device: str = "auto"
     dtype: str = "auto"
+    quantize: str = "auto"  # auto (int8 for a GGUF on CPU, else none), none, int8
     max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS
 
 
 def check_options(options: EngineOptions) -> None:
     """Everything about the options that can be checked without loading a model; raises the one-sentence error."""
-    resolve_dtype(options.dtype, resolve_device(options.device))
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype, device)
+    resolve_quantize(options.quantize, device, dtype, is_gguf=False)
     check_drafter_choice(options.drafter, options.draft_model, options.num_draft_tokens)
     check_source(options.model)
     if options.draft_model is not None:
@@ -90,7 +93,7 @@ class Engine:
 
     @classmethod
     def load(cls, options: EngineOptions) -> Engine:
-        loaded = load_model(options.model, device=options.device, dtype=options.dtype)
+        loaded = load_model(options.model, device=options.device, dtype=options.dtype, quantize=options.quantize)
         # CPU speed-up (engine/cpu_kernels.py): a prepacked copy of the output layer makes verifying several drafted
         # positions cost about as much as one; a no-op unless the model is float32 on CPU. Done before the drafter
         # is built, so drafters that share the target's output layer get it too.
@@ -106,6 +109,7 @@ class Engine:
             "path": self.loaded.path,
             "device": str(self.loaded.device),
             "dtype": str(self.loaded.dtype).removeprefix("torch."),
+            "weights": self.loaded.quantization,
             "context_length": self.loaded.context_length,
             "drafter": self.drafter.name,
             "has_chat_template": bool(getattr(self.loaded.tokenizer, "chat_template", None)),

@@ -3,13 +3,13 @@
 Nothing here touches the network: mtp-mcp runs offline, so every transformers / huggingface_hub call is local-only.
 Progress goes to `logging` (stderr), never to stdout, which carries the MCP protocol.
 
-GGUF files (the embedded Gemma 3 270M included) are dequantized by transformers, which takes minutes and GBs of RAM
-every time; so the first load saves the dense model as safetensors in a user cache dir, and later loads read that.
+GGUF files (the embedded Gemma 3 270M included) load straight into the model, tensor by tensor (engine/gguf_loading.py):
+on CPU into int8 weights by default, never as a whole float32 copy. Their metadata (config, tokenizer, tensor table)
+is slow to parse, so the first load of a file keeps it in a user cache dir, and later loads read that.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -24,21 +24,26 @@ import platformdirs
 import torch
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
-from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from engine.errors import InvalidRequestError, ModelLoadError
+from engine.gguf_loading import describe_gguf, load_gguf_weights
+from engine.int8_weights import quantize_to_int8
 
 log = logging.getLogger(__name__)
 
 EMBEDDED_NAME = "gemma-3-270m (embedded)"
 CACHE_DIR_ENV = "MTP_MCP_CACHE_DIR"
-# Bump when the conversion below changes what it writes, so that caches made by older code are not trusted.
-_CONVERTED_DIR = "converted-v1"
+# Bump when describe_gguf changes what it writes, so that caches made by older code are not trusted.
+_DESCRIBED_DIR = "gguf-described-v1"
+# The embedded model's GGUF, assembled from its package's parts once, inside its cache dir.
+_EMBEDDED_GGUF = "model.gguf"
 # GGUF metadata names one eos id; the end-of-turn markers that Hugging Face configs list as extra eos ids are not in
 # it. llama.cpp recognises these by their text, and so do we (Gemma 3's generation config has eos ids [1, 106]).
 _END_OF_TURN_TOKENS = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>", "<|endoftext|>")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZE_CHOICES = ("auto", "none", "int8")
 
 
 @dataclass(frozen=True)
@@ -48,8 +53,9 @@ class LoadedModel:
     name: str  # for people: directory name, .gguf file name, hub id, or EMBEDDED_NAME
     path: str  # the directory the weights were read from (for a GGUF: its converted copy in the cache)
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # of the activations and of every weight that is not int8
     context_length: int  # max positions the model supports
+    quantization: str = "none"  # "int8": linear layers and embedding in int8 (engine/int8_weights.py)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -77,7 +83,21 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def load_model(source: str | None, device: str = "auto", dtype: str = "auto", *, progress: bool = True) -> LoadedModel:
+def resolve_quantize(quantize: str, device: torch.device, dtype: torch.dtype, is_gguf: bool) -> bool:
+    """Whether to load int8 weights. auto: what the checkpoint is, i.e. int8 for a GGUF on a float32 CPU model
+    (its weights are already low-bit), none for everything else."""
+    if quantize not in QUANTIZE_CHOICES:
+        raise InvalidRequestError(f"quantize is '{quantize}'; it must be one of: {', '.join(QUANTIZE_CHOICES)}")
+    int8_possible = device.type == "cpu" and dtype == torch.float32
+    if quantize == "int8" and not int8_possible:
+        raise InvalidRequestError(
+            f"int8 weights run on CPU in float32 only (fbgemm), not on {device.type} in "
+            f"{str(dtype).removeprefix('torch.')}; use --quantize none, or --device cpu with --dtype float32")
+    return quantize == "int8" or (quantize == "auto" and is_gguf and int8_possible)
+
+
+def load_model(source: str | None, device: str = "auto", dtype: str = "auto", quantize: str = "auto", *,
+               progress: bool = True) -> LoadedModel:
     """Loads `source` (None or "": the embedded default) for inference; raises ModelLoadError, one sentence why."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
@@ -87,14 +107,20 @@ def load_model(source: str | None, device: str = "auto", dtype: str = "auto", *,
         log.log(level, message, *args)
 
     try:
-        name, path = _locate(source, say)
+        name, path, gguf = _locate(source, say)
+        int8 = resolve_quantize(quantize, torch_device, torch_dtype, is_gguf=gguf is not None)
         started = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        # transformers picks the attention itself: sdpa where the model supports it, else eager. On CPU fp32 sdpa
-        # gives the same greedy tokens as eager (checked on Gemma 3 270M and a tiny sliding-window Gemma 3).
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+        if gguf is not None:
+            model = load_gguf_weights(path, gguf, int8=int8).to(torch_dtype)
+        else:
+            # transformers picks the attention itself: sdpa where the model supports it, else eager. On CPU fp32 sdpa
+            # gives the same greedy tokens as eager (checked on Gemma 3 270M and a tiny sliding-window Gemma 3).
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+            if int8:
+                quantize_to_int8(model)
         model.to(torch_device).eval().requires_grad_(False)
-    except ModelLoadError:
+    except (ModelLoadError, InvalidRequestError):
         raise
     except Exception as error:  # transformers, safetensors, torch and the OS each raise their own kinds
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -103,9 +129,12 @@ def load_model(source: str | None, device: str = "auto", dtype: str = "auto", *,
     context_length = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if not isinstance(context_length, int):
         raise ModelLoadError(f"model '{name}' does not state its context length (max_position_embeddings)")
-    say("loaded %s from %s in %.1f s (%s, %s, context %d)", name, path, time.perf_counter() - started,
-        torch_device, str(torch_dtype).removeprefix("torch."), context_length)
-    return LoadedModel(model, tokenizer, name, str(path), torch_device, torch_dtype, context_length)
+    quantization = "int8" if int8 else "none"
+    say("loaded %s from %s in %.1f s (%s, %s, %s weights, context %d)", name, gguf or path,
+        time.perf_counter() - started, torch_device, str(torch_dtype).removeprefix("torch."),
+        "int8" if int8 else "float", context_length)
+    return LoadedModel(model, tokenizer, name, str(gguf or path), torch_device, torch_dtype, context_length,
+                       quantization)
 
 
 def check_source(source: str | None) -> None:
@@ -115,25 +144,26 @@ def check_source(source: str | None) -> None:
         _locate(source, log.debug)
 
 
-def _locate(source: str | None, say: Callable[..., None]) -> tuple[str, Path]:
-    """(name, a local directory holding config.json, weights and tokenizer) for `source`."""
+def _locate(source: str | None, say: Callable[..., None]) -> tuple[str, Path, Path | None]:
+    """(name, a local directory holding config.json and the tokenizer, the GGUF file or None) for `source`. For a
+    GGUF the directory is its description in the cache (engine/gguf_loading.py); else it holds the weights too."""
     if not source:
-        return EMBEDDED_NAME, _embedded_default(say)
+        return EMBEDDED_NAME, *_embedded_default(say)
     path = Path(source).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         stat = path.stat()
-        # Name, size and mtime: a re-download or re-quantization under the same name converts again.
+        # Name, size and mtime: a re-download or re-quantization under the same name is described again.
         key = f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
-        return path.name, _converted_gguf(key, lambda scratch: path, say)
+        return path.name, _described_gguf(key, lambda scratch: path, say), path
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"model directory '{source}' has no config.json; pass a directory written by "
                                  "save_pretrained (or a hub snapshot), or a .gguf file")
-        return path.name, path
+        return path.name, path, None
     if path.exists():
         raise ModelLoadError(f"model path '{source}' is neither a directory nor a .gguf file")
     if _HUB_ID.fullmatch(source) and not source.endswith(".gguf"):
-        return source, _hub_snapshot(source)
+        return source, _hub_snapshot(source), None
     raise ModelLoadError(f"model path '{source}' does not exist; pass a local model directory, a .gguf file, "
                          "a hub id already in the local cache, or nothing for the embedded default")
 
@@ -155,64 +185,42 @@ def _hub_snapshot(repo_id: str) -> Path:
     return snapshot
 
 
-def _embedded_default(say: Callable[..., None]) -> Path:
-    # Keyed by the package's checksum, so a new package version converts again, and a warm start never has to
-    # assemble (and hash) the 250 MB GGUF: it is assembled only into the conversion's scratch dir.
+def _embedded_default(say: Callable[..., None]) -> tuple[Path, Path]:
+    """(its description, its GGUF). Keyed by the package's checksum, so a new package version is described again;
+    the GGUF is assembled from the package's parts (and hashed) only once, into the description's directory."""
     key = f"{Path(embedded_gguf.MODEL_NAME).stem}-{embedded_gguf.EXPECTED_SHA256[:16]}"
-    return _converted_gguf(key, lambda scratch: embedded_gguf.assemble(scratch / embedded_gguf.MODEL_NAME), say)
+    described = _described_gguf(key, lambda scratch: embedded_gguf.assemble(scratch / _EMBEDDED_GGUF), say)
+    return described, described / _EMBEDDED_GGUF
 
 
 def _cache_root() -> Path:
     return Path(os.environ.get(CACHE_DIR_ENV) or platformdirs.user_cache_dir("mtp-mcp"))
 
 
-def _converted_gguf(key: str, gguf_file: Callable[[Path], Path], say: Callable[..., None]) -> Path:
-    """The cache dir holding the dense safetensors copy of a GGUF, converting it first if there is none.
-
-    `gguf_file(scratch)` returns the GGUF to convert; it may write it into `scratch`, which is deleted afterwards.
-    """
-    target = _cache_root() / _CONVERTED_DIR / key
-    # The directory only ever appears whole, by the rename below, so its existence means a complete conversion.
+def _described_gguf(key: str, gguf_file: Callable[[Path], Path], say: Callable[..., None]) -> Path:
+    """The cache dir holding the description of a GGUF (config, tokenizer, tensor table), writing it first if
+    there is none. `gguf_file(scratch)` returns the GGUF; it may write it into `scratch`, which becomes the cache
+    dir (so an assembled embedded GGUF stays there)."""
+    target = _cache_root() / _DESCRIBED_DIR / key
+    # The directory only ever appears whole, by the rename below, so its existence means a complete description.
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # Scratch space next to the target, on the same filesystem, so the final rename is atomic. It is removed on any
-    # exception; only a hard kill leaves it behind, and a leftover is never mistaken for a conversion.
+    # exception; only a hard kill leaves it behind, and a leftover is never mistaken for a description.
     with tempfile.TemporaryDirectory(prefix=f".{key}.", dir=target.parent) as scratch:
-        gguf = gguf_file(Path(scratch))
-        say("converting %s to safetensors in %s, once (the embedded model takes 1-3 min and 3.4 GB RAM; %s "
-            "moves the cache)...", gguf.name, target, CACHE_DIR_ENV)
+        staging = Path(scratch) / "described"
+        staging.mkdir()
+        gguf = gguf_file(staging)
+        say("reading the metadata of %s once (about 30 s for the embedded model; kept in %s, which %s moves)...",
+            gguf.name, target, CACHE_DIR_ENV)
         started = time.perf_counter()
-        staging = Path(scratch) / "converted"
-        _convert(gguf, staging)
+        describe_gguf(gguf, staging, _END_OF_TURN_TOKENS)
         try:
             os.replace(staging, target)
         except OSError:
             if not target.is_dir():
                 raise
-            # Another process finished the same conversion first; its copy is as good as ours.
-        say("converted %s in %.0f s", gguf.name, time.perf_counter() - started)
+            # Another process finished the same description first; its copy is as good as ours.
+        say("read the metadata of %s in %.0f s", gguf.name, time.perf_counter() - started)
     return target
-
-
-def _convert(gguf: Path, out: Path) -> None:
-    local = {"gguf_file": gguf.name, "local_files_only": True}
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **local)
-    # dequantize=True: a plain dense model that save_pretrained can write (a GGUF-quantized one refuses). float32 keeps
-    # the dequantized values exact; the dtype asked for is applied when the copy is loaded.
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True), **local
-    )
-    # Only ids the model can emit: transformers may append tokens of its own (<|endoftext|>, <mask>) to a GGUF's vocab.
-    vocab = {t: i for t, i in tokenizer.get_vocab().items() if i < model.config.get_text_config().vocab_size}
-    eos = [tokenizer.eos_token_id] + [vocab[t] for t in _END_OF_TURN_TOKENS if t in vocab]
-    model.generation_config.eos_token_id = list(dict.fromkeys(i for i in eos if i is not None))
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    # transformers 5 rebuilds a named tokenizer class (GemmaTokenizer, LlamaTokenizer...) from its own fixed pipeline,
-    # taking only vocab and merges from tokenizer.json, and a GGUF's tokenizer need not fit that class (a byte-level
-    # vocab under a Gemma or Llama architecture). The generic class reloads tokenizer.json exactly as saved.
-    config_file = out / "tokenizer_config.json"
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    config.update(tokenizer_class="TokenizersBackend", padding_side=tokenizer.padding_side)
-    config_file.write_text(json.dumps(config, indent=2), encoding="utf-8")

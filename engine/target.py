@@ -59,6 +59,8 @@ class TargetModel:
         self._lm_head = model.get_output_embeddings()
         self._softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
         self.vocab_size = self._lm_head.out_features
+        # The exact float rows of the output layer for a few ids: an int8 layer dequantizes just those.
+        self._head_rows = getattr(self._lm_head, "dequantized_rows", None) or (lambda ids: self._lm_head.weight[ids])
         # Set on float32 CPU models by engine.cpu_kernels.use_cpu_kernels, which runs before the target is built.
         self._argmax_screen = getattr(self._lm_head, "argmax_screen", None)
         self._dot_error_factor = dot_error_factor(self._lm_head.in_features)
@@ -133,7 +135,7 @@ class TargetModel:
         ceiling), else None."""
         if not 0 < len(ids) <= _MAX_RESCORED_CANDIDATES:
             return None
-        weight = self._lm_head.weight[ids]
+        weight = self._head_rows(ids)
         raw = F.linear(row, weight).float()
         # Rounding of this kernel plus that of any other (2 gamma_K sum|h_i w_i|), with room for rounding in the sum.
         slack = 2.5 * self._dot_error_factor * F.linear(row.abs(), weight.abs()).float()

@@ -28,7 +28,8 @@ def mtp_mcp_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def embedded_model(mtp_mcp_cache_dir: Path) -> LoadedModel:
     """The embedded Gemma 3 270M on CPU in float32, shared by the whole session: do not modify it.
 
-    The first use converts the GGUF into the session cache (~2 min and ~3.4 GB RAM on 2 cores); after that,
-    load_model(None) anywhere in the session reads the converted copy (~10 s).
+    Float weights (quantize="none"), dequantized from the GGUF's blocks: the reference transformers' own generate
+    runs on. The first use reads the GGUF's metadata into the session cache (~1 min on 2 cores); after that,
+    load_model(None) anywhere in the session reads the description (~10-20 s).
     """
-    return load_model(None, device="cpu", dtype="float32")
+    return load_model(None, device="cpu", dtype="float32", quantize="none")

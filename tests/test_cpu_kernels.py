@@ -44,7 +44,7 @@ def test_the_screen_keeps_the_argmax_among_few_candidates():
     weight = torch.randn(vocab, width) * torch.rand(vocab, 1)  # rows of very different norms
     hidden = torch.randn(300, width) * 4
     hidden[:, 5] *= 30  # an outlier channel, as real hidden states have
-    screen = Int8ArgmaxScreen(weight)
+    screen = Int8ArgmaxScreen.for_float_weight(weight)
     candidates, ceilings = screen.candidates(hidden)
     logits = F.linear(hidden, weight)
     sizes = []

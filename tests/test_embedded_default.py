@@ -21,13 +21,42 @@ NEW_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def engines(embedded_model):
-    """plain: the shared model as transformers loads it, decoding one token per pass. lookup: loaded the way the CLI
-    and server load it (Engine.load: CPU kernels on, ngram drafter), a separate copy from the converted cache."""
+    """plain: the shared float model as transformers runs it, decoding one token per pass. lookup: the float model
+    loaded through Engine.load (CPU kernels on, ngram drafter), a separate copy."""
     plain = Engine(embedded_model, NoDrafter())
-    lookup = Engine.load(EngineOptions(drafter="ngram", num_draft_tokens=4, device="cpu", dtype="float32"))
+    lookup = Engine.load(EngineOptions(drafter="ngram", num_draft_tokens=4, device="cpu", dtype="float32",
+                                       quantize="none"))
     yield plain, lookup
     plain.close()
     lookup.close()
+
+
+@pytest.fixture(scope="module")
+def int8_engines():
+    """The embedded model as the CLI and server load it by default (int8 weights from the GGUF's blocks): plain
+    decoding and ngram drafting over one copy."""
+    lookup = Engine.load(EngineOptions(drafter="ngram", num_draft_tokens=4, device="cpu"))
+    plain = Engine(lookup.loaded, NoDrafter())
+    yield plain, lookup
+    plain.close()
+    lookup.close()
+
+
+def test_int8_is_the_default_for_the_embedded_gguf(int8_engines):
+    _, lookup = int8_engines
+    assert lookup.info["weights"] == "int8"
+    assert lookup.info["cpu_kernels"] == {"prepacked_layers": 0, "int8_argmax_screen": True}
+
+
+@pytest.mark.parametrize("prompt", [*PROMPTS, "long"])
+def test_ngram_on_int8_weights_gives_the_same_tokens_as_their_plain_decoding(int8_engines, prompt):
+    plain, lookup = int8_engines
+    if prompt == "long":  # past a prefill chunk and the sliding window
+        prompt = cut_after_def((workloads_dir() / "code" / "colorsys.py").read_text(encoding="utf-8"), 2300)
+    request = GenerationRequest(prompt, max_new_tokens=NEW_TOKENS)
+    baseline, drafted = plain.generate(request), lookup.generate(request)
+    assert drafted.token_ids == baseline.token_ids
+    assert drafted.stats.target_passes < baseline.stats.target_passes or prompt == PROMPTS[2]
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)

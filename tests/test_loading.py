@@ -151,8 +151,9 @@ def test_hub_id_in_local_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, 
 # --- GGUF files and the conversion cache --------------------------------------------------------------------------
 
 
-def write_tiny_gguf(path: Path) -> Gemma3ForCausalLM:
-    """A float32 Gemma 3 GGUF as llama.cpp writes it (norms stored as 1 + weight), and the model it holds."""
+def write_tiny_gguf(path: Path, block_types: tuple[gguf.GGMLQuantizationType, ...] = ()) -> Gemma3ForCausalLM:
+    """A Gemma 3 GGUF as llama.cpp writes it (norms stored as 1 + weight), and the float model it was made from.
+    block_types: llama.cpp block formats for the matrices, taken in turn (none: every tensor float32)."""
     tokenizer = train_tiny_tokenizer()
     # 6 layers, so that transformers' default Gemma 3 layer pattern (5 sliding, 1 full) matches the model: GGUF
     # metadata does not record it.
@@ -189,10 +190,17 @@ def write_tiny_gguf(path: Path) -> Gemma3ForCausalLM:
     writer.add_add_bos_token(True)
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, config.num_hidden_layers)
+    matrices = 0
     for name, tensor in model.state_dict().items():
         if name != "lm_head.weight":  # tied to the embedding
             array = tensor.numpy() + (1 if name.endswith("norm.weight") else 0)
-            writer.add_tensor(names.get_name(name, try_suffixes=(".weight",)), array)
+            gguf_name = names.get_name(name, try_suffixes=(".weight",))
+            if array.ndim == 2 and block_types:
+                kind = block_types[matrices % len(block_types)]
+                matrices += 1
+                writer.add_tensor(gguf_name, gguf.quants.quantize(array, kind), raw_dtype=kind)
+            else:
+                writer.add_tensor(gguf_name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -212,9 +220,10 @@ def test_gguf_is_converted_once_and_then_read_from_the_cache(
 
     first = load_model(str(gguf_file), device="cpu")
     assert first.name == "tiny.gguf"
-    assert Path(first.path).parent == cache / "converted-v1" and first.context_length == 256
-    assert os.listdir(cache / "converted-v1") == [Path(first.path).name]  # no scratch left behind
-    assert any(m.startswith("converting tiny.gguf") for m in caplog.messages)
+    assert first.path == str(gguf_file) and first.context_length == 256
+    described = os.listdir(cache / "gguf-described-v1")
+    assert len(described) == 1 and described[0].startswith("tiny-")  # no scratch left behind
+    assert any(m.startswith("reading the metadata of tiny.gguf") for m in caplog.messages)
     assert first.tokenizer(PROMPT).input_ids[0] == first.tokenizer.bos_token_id
     assert first.model.generation_config.eos_token_id == [first.tokenizer.eos_token_id]
     ids = first.tokenizer(PROMPT, return_tensors="pt").input_ids
@@ -222,18 +231,19 @@ def test_gguf_is_converted_once_and_then_read_from_the_cache(
         assert torch.equal(logits(first), original(ids).logits)
     assert capfd.readouterr().out == ""  # stdout carries the MCP protocol
 
-    def no_conversion(gguf: Path, out: Path) -> None:
-        raise AssertionError("converted again although the cache holds the conversion")
+    def no_conversion(gguf: Path, out: Path, end_of_turn_tokens: tuple[str, ...]) -> None:
+        raise AssertionError("described again although the cache holds the description")
 
     caplog.clear()
     with monkeypatch.context() as patch:
-        patch.setattr(loading, "_convert", no_conversion)
+        patch.setattr(loading, "describe_gguf", no_conversion)
         second = load_model(str(gguf_file), device="cpu", progress=False)
     assert second.path == first.path and torch.equal(logits(second), logits(first))
     assert not [r for r in caplog.records if r.levelno >= logging.INFO]  # progress=False: quiet
 
-    os.utime(gguf_file, ns=(0, 0))  # a changed file converts again, into a new cache entry
-    assert load_model(str(gguf_file), device="cpu", progress=False).path != first.path
+    os.utime(gguf_file, ns=(0, 0))  # a changed file is described again, into a new cache entry
+    load_model(str(gguf_file), device="cpu", progress=False)
+    assert len(os.listdir(cache / "gguf-described-v1")) == 2
 
 
 def test_failed_conversion_leaves_nothing_in_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -242,16 +252,15 @@ def test_failed_conversion_leaves_nothing_in_the_cache(tmp_path: Path, monkeypat
     gguf_file = tmp_path / "tiny.gguf"
     write_tiny_gguf(gguf_file)
 
-    def crash_mid_save(gguf: Path, out: Path) -> None:
-        out.mkdir()
+    def crash_mid_save(gguf: Path, out: Path, end_of_turn_tokens: tuple[str, ...]) -> None:
         (out / "config.json").write_text("{}")
         raise RuntimeError("killed mid-save")
 
     with monkeypatch.context() as patch:
-        patch.setattr(loading, "_convert", crash_mid_save)
+        patch.setattr(loading, "describe_gguf", crash_mid_save)
         with pytest.raises(ModelLoadError, match=f"^could not load model '{gguf_file}': killed mid-save$"):
             load_model(str(gguf_file), device="cpu")
-    assert os.listdir(cache / "converted-v1") == []
+    assert os.listdir(cache / "gguf-described-v1") == []
     assert load_model(str(gguf_file), device="cpu").name == "tiny.gguf"
 
 
@@ -260,16 +269,16 @@ def test_conversion_that_loses_a_race_uses_the_winners_copy(tmp_path: Path, monk
     monkeypatch.setenv(loading.CACHE_DIR_ENV, str(cache))
     gguf_file = tmp_path / "tiny.gguf"
     write_tiny_gguf(gguf_file)
-    convert = loading._convert
+    describe = loading.describe_gguf
 
-    def another_process_finishes_first(gguf: Path, out: Path) -> None:
-        convert(gguf, out)
+    def another_process_finishes_first(gguf: Path, out: Path, end_of_turn_tokens: tuple[str, ...]) -> None:
+        describe(gguf, out, end_of_turn_tokens)
         scratch = out.parent  # named ".<key>.<random>", next to the target "<key>"
         shutil.copytree(out, scratch.parent / scratch.name[1:].rsplit(".", 1)[0])
 
-    monkeypatch.setattr(loading, "_convert", another_process_finishes_first)
-    loaded = load_model(str(gguf_file), device="cpu")
-    assert os.listdir(cache / "converted-v1") == [Path(loaded.path).name]
+    monkeypatch.setattr(loading, "describe_gguf", another_process_finishes_first)
+    load_model(str(gguf_file), device="cpu")
+    assert len(os.listdir(cache / "gguf-described-v1")) == 1
 
 
 # --- the embedded default (converted once per session, see conftest.embedded_model) -------------------------------
@@ -293,7 +302,7 @@ def test_embedded_default(embedded_model: LoadedModel, mtp_mcp_cache_dir: Path) 
     loaded = embedded_model
     assert (loaded.name, loaded.device, loaded.dtype) == (EMBEDDED_NAME, torch.device("cpu"), torch.float32)
     assert loaded.context_length == 32768
-    assert Path(loaded.path).parent == mtp_mcp_cache_dir / "converted-v1"
+    assert Path(loaded.path).parent.parent == mtp_mcp_cache_dir / "gguf-described-v1"
     assert sum(p.numel() for p in loaded.model.parameters()) == 268_098_176
     assert loaded.model.generation_config.eos_token_id == [1, 106]  # <eos>, <end_of_turn>
 
@@ -315,11 +324,11 @@ def test_embedded_default(embedded_model: LoadedModel, mtp_mcp_cache_dir: Path) 
 def test_embedded_default_loads_from_the_cache(
     embedded_model: LoadedModel, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    def no_conversion(gguf: Path, out: Path) -> None:
-        raise AssertionError("converted again although the cache holds the conversion")
+    def no_conversion(gguf: Path, out: Path, end_of_turn_tokens: tuple[str, ...]) -> None:
+        raise AssertionError("described again although the cache holds the description")
 
-    monkeypatch.setattr(loading, "_convert", no_conversion)
-    again = load_model(None, device="cpu", dtype="float32")
+    monkeypatch.setattr(loading, "describe_gguf", no_conversion)
+    again = load_model(None, device="cpu", dtype="float32", quantize="none")
     assert again.path == embedded_model.path
     assert torch.equal(logits(again, "The capital of France is"), logits(embedded_model, "The capital of France is"))
     assert capfd.readouterr().out == ""

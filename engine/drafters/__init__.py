@@ -68,7 +68,8 @@ def create_drafter(name: str, target: LoadedModel, draft_model: str | None, num_
                 f"'{draft_model}' is a Gemma 4 assistant, which reads the target's hidden states and cache; "
                 "use it with --drafter mtp (or auto), not draft-model"
             )
-        draft = load_model(draft_model, device=str(target.device), dtype=str(target.dtype).removeprefix("torch."))
+        draft = load_model(draft_model, device=str(target.device), dtype=str(target.dtype).removeprefix("torch."),
+                           quantize="int8" if target.quantization == "int8" else "auto")
         check_same_vocabulary(target.tokenizer, draft.tokenizer, draft.name)
         return DraftModelDrafter(draft.model, num_draft_tokens)
     return PromptLookupDrafter(num_draft_tokens)

@@ -1,0 +1,225 @@
+"""Loading a GGUF file straight into the model, one tensor at a time, without a float32 copy of the model.
+
+A GGUF holds the metadata (architecture, hyperparameters, the tokenizer's vocabulary) and the weights in llama.cpp's
+block formats. Two costs shape this module:
+- Parsing the metadata is slow: gguf-py's reader takes ~18 s on Gemma 3's 262k-token vocabulary (np.memmap's
+  subclass hooks run on each of ~4M slices; over a plain ndarray view of the same mapping it takes ~8 s), and
+  transformers parses it with that reader for the config and again for the tokenizer. So the first load of a file
+  keeps the config, the tokenizer and the tensor table (small files) in a cache directory; later loads read those
+  and map the weights without parsing anything.
+- The weights: each tensor is dequantized by gguf-py (a few seconds for the whole of Gemma 3 270M) and either kept
+  as float (quantize=False) or turned into int8 per row at once (engine/int8_weights.py), in chunks of rows for the
+  large embedding, so that the model never exists in float32 as a whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import MODEL_ARCH_NAMES, GGMLQuantizationType, GGUFReader, dequantize, get_tensor_name_map
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.initialization import no_init_weights
+from transformers.modeling_gguf_pytorch_utils import (
+    TENSOR_PROCESSORS,
+    TensorProcessor,
+    get_gguf_hf_weights_map,
+)
+
+from engine.int8_weights import Int8Embedding, Int8Linear, quantize_rows
+
+log = logging.getLogger(__name__)
+
+TENSOR_TABLE = "gguf_tensors.json"
+# Rows of a large tensor (an embedding) dequantized at a time: 16k rows of Gemma 3 are 42 MB of float32.
+_CHUNK_ROWS = 16384
+_FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
+
+
+@dataclass(frozen=True)
+class GgufTensor:
+    name: str
+    type: int  # GGMLQuantizationType
+    offset: int  # absolute byte offset of the data in the file
+    data_shape: list[int]  # the shape gguf-py gives the raw data (quantized: [rows, bytes per row])
+    data_dtype: str  # numpy dtype string of the raw data
+
+
+class _PlainArrayReader(GGUFReader):
+    """gguf-py's reader over a plain ndarray view of its memory map: the same parse, 2.3x faster (see above)."""
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._plain_data
+
+    @data.setter
+    def data(self, value: np.memmap) -> None:
+        self._plain_data = value.view(np.ndarray)
+
+
+def describe_gguf(gguf_path: Path, out: Path, end_of_turn_tokens: tuple[str, ...]) -> None:
+    """Writes into `out` what loading needs besides the weights: config.json (with the GGUF's architecture), the
+    tokenizer's files and the tensor table. Parses the file three times (~50 s for Gemma 3): transformers' config
+    and tokenizer readers each parse it whole, and neither takes a parsed reader."""
+    local = {"gguf_file": gguf_path.name, "local_files_only": True}
+    config = AutoConfig.from_pretrained(gguf_path.parent, **local)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **local)
+    reader = _PlainArrayReader(gguf_path)
+    vocab_size = config.get_text_config().vocab_size
+    # Only ids the model can emit: transformers may append tokens of its own (<|endoftext|>, <mask>) to a GGUF's vocab.
+    vocab = {t: i for t, i in tokenizer.get_vocab().items() if i < vocab_size}
+    # GGUF metadata names one eos id; the end-of-turn markers that Hugging Face configs list as extra eos ids are
+    # not in it. llama.cpp recognises these by their text, and so do we (Gemma 3's generation config: [1, 106]).
+    eos = [tokenizer.eos_token_id] + [vocab[t] for t in end_of_turn_tokens if t in vocab]
+    config.eos_token_id = list(dict.fromkeys(i for i in eos if i is not None))
+    config.gguf_architecture = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    # transformers 5 rebuilds a named tokenizer class (GemmaTokenizer, LlamaTokenizer...) from its own fixed pipeline,
+    # taking only vocab and merges from tokenizer.json, and a GGUF's tokenizer need not fit that class (a byte-level
+    # vocab under a Gemma or Llama architecture). The generic class reloads tokenizer.json exactly as saved.
+    config_file = out / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_file.read_text(encoding="utf-8"))
+    tokenizer_config.update(tokenizer_class="TokenizersBackend", padding_side=tokenizer.padding_side)
+    config_file.write_text(json.dumps(tokenizer_config, indent=2), encoding="utf-8")
+
+    table = [
+        asdict(GgufTensor(t.name, int(t.tensor_type), int(t.data_offset), list(t.data.shape), t.data.dtype.str))
+        for t in reader.tensors
+    ]
+    (out / TENSOR_TABLE).write_text(json.dumps(table), encoding="utf-8")
+
+
+def load_gguf_weights(described: Path, gguf_path: Path, int8: bool) -> torch.nn.Module:
+    """The model of a GGUF described by describe_gguf in `described`, in eval mode on CPU: every linear weight and
+    the embedding in int8 (int8=True: those stored quantized; float ones stay float) or all float32 (int8=False).
+    Raises ValueError naming what the file lacks if its tensors do not cover the model."""
+    config = AutoConfig.from_pretrained(described, local_files_only=True)
+    with no_init_weights():  # every weight comes from the file; untouched allocations cost no memory
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.eval().requires_grad_(False)
+    processor = TENSOR_PROCESSORS.get(config.gguf_architecture, TensorProcessor)(config=config.to_dict())
+    table = [GgufTensor(**t) for t in json.loads((described / TENSOR_TABLE).read_text(encoding="utf-8"))]
+    name_map = _gguf_to_hf_names(model, config, processor)
+    mapped = np.memmap(gguf_path, mode="r").view(np.ndarray)
+    int8_targets = _int8_targets(model) if int8 else {}
+    embedding = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    expected = {name for name, _ in model.named_parameters()}  # tied weights once, under the first name
+    loaded: set[str] = set()
+    int8_rows: dict[str, Int8Linear] = {}  # module name -> its int8 replacement, biases added below
+    parsed: dict = {"tensors": {}}  # where processors of merged tensors (MoE experts) put theirs
+    for tensor in table:
+        dequantized = _dequantized_chunks(_raw_view(mapped, tensor), tensor, processor, name_map, parsed)
+        if dequantized is None:
+            continue
+        hf_name, chunks = dequantized
+        if hf_name in int8_targets and GGMLQuantizationType(tensor.type) not in _FLOAT_TYPES:
+            quantized, scale = quantize_rows(torch.from_numpy(chunk) for chunk in chunks)
+            int8_rows[hf_name.removesuffix(".weight")] = Int8Linear(quantized, scale)
+        else:
+            _set_tensor(model, hf_name, torch.from_numpy(np.concatenate(chunks)))
+        loaded.add(hf_name)
+    for hf_name, weights in parsed["tensors"].items():
+        _set_tensor(model, hf_name, torch.as_tensor(np.asarray(weights)))
+        loaded.add(hf_name)
+
+    head_weight = f"{_module_name(model, head)}.weight" if head is not None else None
+    # A tied output layer has no tensor of its own in the file (llama.cpp reads token_embd for it).
+    tied = head_weight is not None and head_weight not in loaded and bool(
+        getattr(config.get_text_config(), "tie_word_embeddings", False))
+    missing = sorted(expected - loaded - ({head_weight} if tied else set()))
+    if missing:
+        raise ValueError(f"the file has no tensor for {len(missing)} of the model's weights (e.g. {missing[0]})")
+    embedding_name = _module_name(model, embedding)
+    for module_name, linear in int8_rows.items():
+        original = model.get_submodule(module_name)
+        if getattr(original, "bias", None) is not None:
+            linear.bias = original.bias
+        if module_name != embedding_name:
+            _replace_module(model, module_name, linear)
+    if embedding_name in int8_rows:
+        rows = int8_rows[embedding_name]
+        if tied:
+            model.set_output_embeddings(rows)
+        model.set_input_embeddings(Int8Embedding(rows, getattr(embedding, "embed_scale", None)))
+    elif tied:
+        model.tie_weights()
+    return model
+
+
+def _gguf_to_hf_names(model, config, processor) -> dict[str, str]:
+    """GGUF tensor name -> the model's parameter name. gguf-py's name map of the architecture, applied to the
+    model's top-level names: 13 ms. transformers' get_gguf_hf_weights_map also maps every submodule's own names
+    (for checkpoints saved from a base model), building the name map once per module (313 times for Gemma 3,
+    4.4 s); it is the fallback when the top level leaves a parameter of the model without a GGUF name."""
+    architecture = next((key for key, value in MODEL_ARCH_NAMES.items() if value == config.gguf_architecture), None)
+    if architecture is not None:
+        names = get_tensor_name_map(architecture, config.get_text_config().num_hidden_layers)
+        mapping = {}
+        for hf_name in model.state_dict():
+            stem, dot, suffix = processor.preprocess_name(hf_name).rpartition(".")
+            gguf_name = names.get_name(stem) if suffix in ("weight", "bias") else None
+            if gguf_name is not None:
+                mapping[f"{gguf_name}.{suffix}"] = hf_name
+        tied_head = {f"{name}.weight" for name, module in model.named_modules()
+                     if module is model.get_output_embeddings()
+                     and getattr(config.get_text_config(), "tie_word_embeddings", False)}
+        if {name for name, _ in model.named_parameters()} - tied_head <= set(mapping.values()):
+            return mapping
+    return get_gguf_hf_weights_map(model, processor)
+
+
+def _int8_targets(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """'module.weight' -> module, for every weight that int8 loading turns into int8: the decoder's linear layers,
+    the output layer and the input embedding."""
+    decoder = model.get_decoder()
+    wanted = [m for m in decoder.modules() if type(m) is torch.nn.Linear]
+    wanted += [m for m in (model.get_output_embeddings(), model.get_input_embeddings()) if m is not None]
+    ids = {id(m) for m in wanted}
+    return {f"{name}.weight": module for name, module in model.named_modules() if id(module) in ids}
+
+
+def _raw_view(mapped: np.ndarray, tensor: GgufTensor) -> np.ndarray:
+    dtype = np.dtype(tensor.data_dtype)
+    count = int(np.prod(tensor.data_shape))
+    return mapped[tensor.offset : tensor.offset + count * dtype.itemsize].view(dtype).reshape(tensor.data_shape)
+
+
+def _dequantized_chunks(raw, tensor, processor, name_map, parsed):
+    """(hf name, float32 numpy chunks of rows) for one GGUF tensor, or None for a tensor the model does not use."""
+    kind = GGMLQuantizationType(tensor.type)
+    step = _CHUNK_ROWS if raw.ndim == 2 and len(raw) > _CHUNK_ROWS else max(len(raw), 1)
+    chunks, hf_name = [], None
+    for start in range(0, max(len(raw), 1), step):
+        part = raw[start : start + step] if raw.ndim else raw
+        weights = dequantize(part, kind).astype(np.float32, copy=False)
+        result = processor.process(weights=weights, name=tensor.name, tensor_key_mapping=name_map,
+                                   parsed_parameters=parsed)
+        if result.name not in name_map:
+            return None
+        hf_name = name_map[result.name]
+        chunks.append(np.ascontiguousarray(result.weights))
+    return hf_name, chunks
+
+
+def _set_tensor(model: torch.nn.Module, hf_name: str, value: torch.Tensor) -> None:
+    module_name, _, attribute = hf_name.rpartition(".")
+    module = model.get_submodule(module_name)
+    current = getattr(module, attribute)
+    if tuple(current.shape) != tuple(value.shape):
+        value = value.reshape(current.shape)  # gguf-py gives 1-d norms and biases as they are; a few are [1, n]
+    setattr(module, attribute, torch.nn.Parameter(value.to(current.dtype), requires_grad=False))
+
+
+def _replace_module(model: torch.nn.Module, module_name: str, new: torch.nn.Module) -> None:
+    parent_name, _, child = module_name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)

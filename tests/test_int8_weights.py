@@ -1,0 +1,165 @@
+"""Int8 weights (engine/int8_weights.py): rows computed independently of their neighbours, GGUF blocks loaded
+straight into int8, the exact greedy screen over an int8 output layer, and drafting that stays lossless on them."""
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from test_loading import PROMPT, write_tiny_gguf
+from tiny_checkpoints import build_tiny_checkpoint
+
+from engine.cpu_kernels import Int8ArgmaxScreen
+from engine.drafters.autoregressive import NoDrafter
+from engine.drafters.draft_model import DraftModelDrafter
+from engine.drafters.prompt_lookup import PromptLookupDrafter
+from engine.engine import Engine, EngineOptions
+from engine.errors import InvalidRequestError
+from engine.int8_weights import Int8Embedding, Int8Linear, quantize_rows
+from engine.loading import load_model
+from engine.request import GenerationRequest
+
+BLOCKS = (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q5_0)
+
+
+def test_a_row_gives_the_same_output_whatever_rows_are_fed_with_it():
+    torch.manual_seed(0)
+    layer = Int8Linear.from_float(torch.randn(300, 96), torch.randn(300))
+    rows = torch.randn(9, 96) * torch.logspace(-3, 3, 9)[:, None]  # rows of very different scales
+    rows[3, 7] = 500.0  # an outlier channel
+    with torch.inference_mode():
+        together = layer(rows)
+        for i in range(len(rows)):
+            assert torch.equal(layer(rows[i : i + 1])[0], together[i])
+            assert torch.equal(layer(rows[[i, (i + 1) % 9, (i + 2) % 9]])[0], together[i])
+
+
+def test_int8_linear_is_close_to_the_float_layer_it_quantizes():
+    torch.manual_seed(0)
+    weight, bias = torch.randn(300, 96), torch.randn(300)
+    layer = Int8Linear.from_float(weight, bias)
+    x = torch.randn(4, 96)
+    with torch.inference_mode():
+        dequantized = layer.dequantized_rows(torch.arange(300))
+        exact = F.linear(x, dequantized, bias)
+        # The two activation levels leave at most max|x| / 15876 per value, so y_v is off by at most that times
+        # sum|W_v| (plus float rounding); the int8 weights' own error is larger.
+        bound = x.abs().amax(1, keepdim=True) / 15876 * dequantized.abs().sum(1) + 1e-5
+        assert bool(((layer(x) - exact).abs() <= bound).all())
+        assert 0 < float((layer(x) - exact).abs().max()) < float((exact - F.linear(x, weight, bias)).abs().max())
+
+
+def test_the_screen_over_an_int8_layer_keeps_the_exact_argmax():
+    torch.manual_seed(0)
+    layer = Int8Linear.from_float(torch.randn(6000, 128) * torch.rand(6000, 1))
+    screen = Int8ArgmaxScreen(layer)
+    hidden = torch.randn(200, 128) * 4
+    hidden[:, 5] *= 30
+    logits = F.linear(hidden, layer.dequantized_rows(torch.arange(6000)))
+    candidates, ceilings = screen.candidates(hidden)
+    for row, ids, ceiling in zip(logits, candidates, ceilings):
+        assert int(row.argmax()) in ids.tolist()
+        left_out = torch.ones(6000, dtype=torch.bool)
+        left_out[ids] = False
+        assert bool((row[left_out] < ceiling).all())
+        assert len(ids) < 100
+
+
+@pytest.fixture(scope="module")
+def block_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("gguf") / "tiny-q.gguf"
+    write_tiny_gguf(path, BLOCKS)
+    return path
+
+
+def test_a_gguf_loads_into_int8_rows_of_its_dequantized_blocks(block_gguf: Path):
+    int8 = load_model(str(block_gguf), device="cpu")
+    float_ = load_model(str(block_gguf), device="cpu", quantize="none")
+    assert (int8.quantization, float_.quantization) == ("int8", "none")
+    decoder = int8.model.get_decoder()
+    assert not any(type(m) is torch.nn.Linear for m in decoder.modules())
+    assert sum(isinstance(m, Int8Linear) for m in decoder.modules()) == 6 * 7 + 1  # + the embedding's rows
+    # Tied: the embedding reads the output layer's int8 rows, no second copy.
+    embedding, head = int8.model.get_input_embeddings(), int8.model.get_output_embeddings()
+    assert isinstance(embedding, Int8Embedding) and embedding.weights is head
+    # Each int8 matrix is the per-row int8 form of the float model's (dequantized) matrix, and nothing else.
+    reference = dict(float_.model.named_parameters())
+    q_proj = decoder.layers[2].self_attn.q_proj
+    expected_q, expected_scale = quantize_rows([reference["model.layers.2.self_attn.q_proj.weight"]])
+    assert torch.equal(q_proj.quantized, expected_q) and torch.equal(q_proj.scale, expected_scale)
+    ids = int8.tokenizer(PROMPT, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        scaled = float_.model.get_input_embeddings()(ids)
+        torch.testing.assert_close(embedding(ids), scaled, rtol=0.02, atol=0.02 * float(scaled.abs().max()))
+        int8_logits, float_logits = int8.model(ids).logits, float_.model(ids).logits
+    assert float((int8_logits - float_logits).abs().max()) < 0.05 * float(float_logits.abs().max())
+
+
+def test_float_gguf_tensors_stay_float_and_exact(tmp_path: Path):
+    path = tmp_path / "tiny-f32.gguf"
+    original = write_tiny_gguf(path)
+    loaded = load_model(str(path), device="cpu")
+    assert loaded.quantization == "int8" and not any(isinstance(m, Int8Linear) for m in loaded.model.modules())
+    ids = loaded.tokenizer(PROMPT, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        assert torch.equal(loaded.model(ids).logits, original(ids).logits)
+
+
+def test_safetensors_checkpoints_load_float_unless_int8_is_asked(tmp_path: Path):
+    path = build_tiny_checkpoint(tmp_path / "tiny")
+    assert load_model(str(path), device="cpu").quantization == "none"
+    int8 = load_model(str(path), device="cpu", quantize="int8")
+    assert int8.quantization == "int8"
+    assert isinstance(int8.model.get_output_embeddings(), Int8Linear)
+    with pytest.raises(InvalidRequestError, match="^int8 weights run on CPU in float32 only"):
+        load_model(str(path), device="cpu", dtype="bfloat16", quantize="int8")
+    with pytest.raises(InvalidRequestError, match="^quantize is 'int4'; it must be one of: auto, none, int8$"):
+        load_model(str(path), device="cpu", quantize="int4")
+
+
+@pytest.mark.parametrize("drafter", ["ngram", "draft-model"])
+def test_drafting_on_int8_weights_gives_the_engine_s_own_plain_decoding(block_gguf: Path, drafter: str):
+    # Lossless with a quantized target means: what the same int8 model decodes one token per pass.
+    loaded = load_model(str(block_gguf), device="cpu")
+    plain = Engine(loaded, NoDrafter())
+    draft = load_model(str(block_gguf), device="cpu").model  # an int8 copy as its own draft model
+    speculative = Engine(loaded, PromptLookupDrafter(4) if drafter == "ngram" else DraftModelDrafter(draft, 3))
+    try:
+        for prompt in (PROMPT, PROMPT * 3, "a b a b a b a b"):
+            request = GenerationRequest(prompt, max_new_tokens=40)
+            expected, got = plain.generate(request), speculative.generate(request)
+            assert got.token_ids == expected.token_ids
+            assert got.stats.target_passes <= expected.stats.target_passes
+    finally:
+        plain.close()
+        speculative.close()
+
+
+def test_engine_load_screens_the_int8_output_layer(block_gguf: Path):
+    engine = Engine.load(EngineOptions(model=str(block_gguf), drafter="ngram", device="cpu"))
+    try:
+        assert engine.info["weights"] == "int8"
+        assert engine.info["cpu_kernels"]["int8_argmax_screen"] is True
+        plain = Engine(engine.loaded, NoDrafter())
+        reference = load_model(str(block_gguf), device="cpu")  # int8, no screen: argmax of the full logits
+        ids = reference.tokenizer(PROMPT, return_tensors="pt").input_ids
+        expected = reference.model.generate(ids, max_new_tokens=30, do_sample=False)[0, ids.shape[1] :].tolist()
+        assert plain.generate(GenerationRequest(PROMPT, max_new_tokens=30)).token_ids == expected
+        assert engine.generate(GenerationRequest(PROMPT, max_new_tokens=30)).token_ids == expected
+        plain.close()
+    finally:
+        engine.close()
+
+
+def test_a_truncated_gguf_is_one_sentence(block_gguf: Path, tmp_path: Path):
+    from engine.errors import ModelLoadError
+
+    cut = tmp_path / "cut.gguf"
+    data = block_gguf.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match="^could not load model") as error:
+        load_model(str(cut), device="cpu")
+    assert "\n" not in str(error.value)
+    np.testing.assert_equal(len(block_gguf.read_bytes()), len(data))
