@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.llama_cpp import DEFAULT_PREFIX, PINNED_VERSION, LlamaCppMethod, llama_cpp_missing
 from benchmarks.memory import PeakMemory
 from benchmarks.methods import TRANSFORMERS_LOOKUP_TOKENS, EngineMethod, Method, TransformersMethod
 from benchmarks.report import (
@@ -32,6 +33,7 @@ from benchmarks.workloads import WORKLOAD_NAMES, load_prompts
 from engine.cli import add_engine_options
 from engine.cpu_kernels import use_cpu_kernels
 from engine.drafters import DRAFTER_NAMES, Drafter, create_drafter
+from engine.drafters.gemma4_assistant import is_gemma4_assistant
 from engine.errors import InvalidRequestError, ModelLoadError
 from engine.loading import LoadedModel, load_model, resolve_quantize
 from engine.target import TargetModel
@@ -67,6 +69,11 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=_positive_int,
                         help="torch CPU threads for the whole run (default: torch's, one per core); on a machine "
                         "shared with other busy processes, 1 avoids threads waiting for each other at every operation")
+    parser.add_argument("--llama-cpp", type=Path, default=DEFAULT_PREFIX, metavar="PREFIX",
+                        help="where node-llama-cpp is installed (npm install --prefix PREFIX "
+                        f"node-llama-cpp@{PINNED_VERSION}); when it is, a GGUF model on CPU also runs through "
+                        f"llama.cpp, same file and threads (default: {DEFAULT_PREFIX})")
+    parser.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp out even when it is installed")
     parser.add_argument("--stock-kernels", action="store_true",
                         help="run the engine on stock transformers modules, without engine.cpu_kernels")
     add_engine_options(parser)
@@ -99,6 +106,9 @@ def run_bench(args: argparse.Namespace) -> int:
     drafters = _drafters(args, engine_loaded)
     methods: list[Method] = [TransformersMethod(loaded, None), TransformersMethod(loaded, TRANSFORMERS_LOOKUP_TOKENS)]
     methods += [EngineMethod(engine_loaded, drafter) for drafter in drafters]
+    llama_cpp = _llama_cpp_method(args, loaded)
+    if llama_cpp is not None:
+        methods.append(llama_cpp)
     names = [m.name for m in methods]
     log.info("benchmarking %s on %d prompts (%s), %d repeats, %d new tokens each", ", ".join(names), len(prompts),
              ", ".join(args.workloads), repeats, args.max_new_tokens)
@@ -112,9 +122,12 @@ def run_bench(args: argparse.Namespace) -> int:
     meta |= {
         "load_average_after": os.getloadavg(),
         "engine_kernels": "stock" if args.stock_kernels else "engine.cpu_kernels",
+        "engine_weights": engine_loaded.quantization,
         "num_draft_tokens": args.num_draft_tokens,
         "transformers_prompt_lookup_num_tokens": TRANSFORMERS_LOOKUP_TOKENS,
         "max_new_tokens": args.max_new_tokens,
+        "llama_cpp": None if llama_cpp is None else {"node_llama_cpp": llama_cpp.version,
+                                                      "threads": llama_cpp.threads},
         "repeats": repeats,
         "prompts": [{"workload": p.workload, "name": p.name} for p in prompts],
     }
@@ -190,13 +203,32 @@ def _drafters(args: argparse.Namespace, loaded: LoadedModel) -> list[Drafter]:
     drafters = []
     for name in names:
         try:
-            drafters.append(create_drafter(name, loaded, args.draft_model if name == "draft-model" else None,
+            # A Gemma 4 assistant given as --draft-model is the mtp drafter's; an ordinary one the draft-model's.
+            wants_draft_model = name == "draft-model" or (
+                name == "mtp" and args.draft_model is not None and is_gemma4_assistant(args.draft_model))
+            drafters.append(create_drafter(name, loaded, args.draft_model if wants_draft_model else None,
                                            args.num_draft_tokens))
         except (InvalidRequestError, ModelLoadError) as error:
             if args.drafter != "auto":
                 raise
             log.info("skipping drafter %s: %s", name, error)
     return drafters
+
+
+def _llama_cpp_method(args: argparse.Namespace, loaded: LoadedModel) -> LlamaCppMethod | None:
+    """llama.cpp on the same GGUF with the same thread count, when the model is a GGUF on CPU and node-llama-cpp is
+    installed; otherwise None, with one line saying why."""
+    if args.no_llama_cpp:
+        return None
+    if not (loaded.path.endswith(".gguf") and loaded.device.type == "cpu"):
+        log.info("llama.cpp not compared: it runs GGUF files on CPU here, and the model is %s on %s", loaded.name,
+                 loaded.device)
+        return None
+    missing = llama_cpp_missing(args.llama_cpp)
+    if missing is not None:
+        log.info("llama.cpp not compared: %s", missing)
+        return None
+    return LlamaCppMethod(Path(loaded.path), args.llama_cpp, torch.get_num_threads())
 
 
 def _check_optional_packages(args: argparse.Namespace) -> None:

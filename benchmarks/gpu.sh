@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # GPU readiness check: speculative decoding speedup vs draft acceptance rate, and the verify-cost curve, on a
-# random-weight Qwen3-0.6B-shaped model with a static KV cache and CUDA graphs. Needs no network and no model files;
-# takes well under 5 minutes on one GPU and prints one short table. See benchmarks/gpu.py for what is measured.
+# random-weight Qwen3-0.6B-shaped model, through the engine's own decode loop and, beside it, a static KV cache
+# with CUDA graphs (the bound). Needs no network and no model files; takes well under 5 minutes on one GPU and prints
+# one short table. See benchmarks/gpu.py for what is measured.
+#
+# On the lent device machine (no network, torch 2.11 and transformers 5.17 preinstalled), carry the wheels the
+# engine needs: here `pip download --no-deps -d .device-wheels transformers==5.24.0 huggingface_hub gguf
+# platformdirs` (.device-wheels in .git/info/exclude, named in `carry`), there
+# `pip install --no-deps --no-index --find-links .device-wheels transformers huggingface_hub gguf platformdirs`.
 #
 #   benchmarks/gpu.sh                          # on a CUDA machine (bfloat16)
 #   benchmarks/gpu.sh --json gpu.json          # also keep the numbers

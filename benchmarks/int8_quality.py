@@ -4,8 +4,8 @@ How close the int8 model (what the engine loads from a GGUF by default, engine/i
 model dequantized from the same file, and what each costs, on the shipped workloads (the bench's prompts):
 - greedy agreement: the tokens both generate, one per pass, and how many leading tokens are equal;
 - perplexity of each on the workload texts themselves (teacher forcing, the first --ppl-tokens tokens of each);
-- plain decoding speed (tok/s, prefill included) of each through the engine, interleaved, and the process's memory
-  after each load (resident set, as the OS counts it).
+- plain decoding speed (tok/s, prefill included) of each through the engine, interleaved, and the resident memory
+  each load adds to the process (as the OS counts it).
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ def _cpu_model() -> str:
 
 
 def bench_table(summaries: list[MethodSummary]) -> str:
-    header = ("workload", "method", "tok/s", "vs tf", "vs none", "tok/pass", "= ref", "peak MiB")
+    header = ("workload", "method", "tok/s", "vs tf", "vs none", "vs llama.cpp", "tok/pass", "= ref", "peak MiB")
     rows = [
         (
             s.workload,
@@ -51,6 +51,7 @@ def bench_table(summaries: list[MethodSummary]) -> str:
             f"{s.tokens_per_second:.2f}",
             _times(s.speedup_vs_transformers),
             _times(s.speedup_vs_engine_none),
+            _times(s.speedup_vs_llama_cpp),
             f"{s.tokens_per_pass:.2f}",
             f"{s.equal_to_reference}/{s.runs}",
             f"{s.peak_memory_mib:.0f}",

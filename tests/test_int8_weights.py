@@ -18,8 +18,10 @@ from engine.drafters.prompt_lookup import PromptLookupDrafter
 from engine.engine import Engine, EngineOptions
 from engine.errors import InvalidRequestError
 from engine.int8_weights import Int8Embedding, Int8Linear, quantize_rows
+from engine.lean_gemma3 import lean_gemma3_supported
 from engine.loading import load_model
 from engine.request import GenerationRequest
+from engine.target import TargetModel
 
 BLOCKS = (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q5_0)
 
@@ -163,3 +165,37 @@ def test_a_truncated_gguf_is_one_sentence(block_gguf: Path, tmp_path: Path):
         load_model(str(cut), device="cpu")
     assert "\n" not in str(error.value)
     np.testing.assert_equal(len(block_gguf.read_bytes()), len(data))
+
+
+def test_the_lean_gemma3_pass_computes_what_transformers_computes(block_gguf: Path):
+    # The same feeds through both: a prefill in chunks past the sliding window (8), verification steps of several
+    # tokens, rollbacks of rejected drafts. (Feeds of other sizes round differently, which the int8 levels amplify:
+    # transformers' own chunked and one-piece prefills differ by ~5e-4 here.)
+    loaded = load_model(str(block_gguf), device="cpu")
+    assert lean_gemma3_supported(loaded.model)
+    lean = TargetModel(loaded.model, prefill_chunk_tokens=5)
+    stock = TargetModel(loaded.model, prefill_chunk_tokens=5)
+    assert lean._lean is not None
+    stock._lean = None  # transformers' modules and DynamicCache
+    torch.manual_seed(1)
+    tokens = torch.randint(3, loaded.model.config.vocab_size, (40,)).tolist()
+    with torch.inference_mode():
+        pairs = [(lean.prefill(tokens[:17]), stock.prefill(tokens[:17]))]
+        position = 17
+        for step in (1, 4, 3, 1, 5):
+            fed = tokens[position : position + step] + [0, 0]  # two drafts that will be rejected
+            pairs.append(tuple(t.forward(fed, logits_for_last=0).hidden[:step] for t in (lean, stock)))
+            for target in (lean, stock):
+                target.rollback(2)
+            position += step
+        assert lean.cache_length == stock.cache_length == position
+        keys, values = lean.key_value_states(0)
+        assert keys.shape == values.shape == (1, 1, position, 16)
+    for got, expected in pairs:
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_gemma3_with_float_weights_keeps_transformers_modules(tmp_path: Path):
+    path = tmp_path / "tiny-f32.gguf"
+    write_tiny_gguf(path)
+    assert not lean_gemma3_supported(load_model(str(path), device="cpu", quantize="none").model)

@@ -1,0 +1,192 @@
+"""A lean forward pass for Gemma 3 text models with int8 weights: the layers of transformers' Gemma3TextModel, in
+fewer operations, over a KV cache of preallocated tensors.
+
+Why: with int8 weights (engine/int8_weights.py) a decoding step of Gemma 3 270M on CPU spends more time around the
+matrix products than in them: transformers' modules cost ~27 ms of a ~65 ms one-token step (1 thread; profiled with
+forward hooks: Int8Linear 33 ms, attention and MLP modules ~45 ms, the whole decoder ~51 ms). Here one step is a
+flat loop: q, k and v read through one int8 product (and gate and up through another), masks are built once per
+step instead of per layer, and keys and values are written into tensors that grow by doubling, so cutting a
+rejected draft is a change of length, not a copy. The same shape of step (static cache, a few fixed input sizes)
+is what CUDA graphs would capture.
+
+It computes what transformers' Gemma 3 computes, to float rounding (the tests compare the hidden states with
+transformers' on the same int8 model); the int8 model's greedy tokens are defined by this pass, and verification
+uses the same pass, so speculative decoding stays token-identical to the engine's own plain decoding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.int8_weights import Int8Linear
+
+_INITIAL_CAPACITY = 1024  # tokens of cache allocated at first; doubled whenever a feed would overflow it
+
+
+def lean_gemma3_supported(model: torch.nn.Module) -> bool:
+    """True for a Gemma 3 text model (Gemma3ForCausalLM) whose decoder projections are all int8 and whose
+    attention has nothing this pass leaves out (logit softcapping, bidirectional attention)."""
+    config = model.config
+    if getattr(config, "model_type", None) != "gemma3_text":
+        return False
+    layers = model.get_decoder().layers
+    projections = [getattr(layer.self_attn, name) for layer in layers for name in ("q_proj", "k_proj", "v_proj",
+                                                                                     "o_proj")]
+    projections += [getattr(layer.mlp, name) for layer in layers for name in ("gate_proj", "up_proj", "down_proj")]
+    return (
+        all(isinstance(p, Int8Linear) for p in projections)
+        and getattr(config, "attn_logit_softcapping", None) is None
+        and not getattr(config, "use_bidirectional_attention", False)
+    )
+
+
+def _fuse(*layers: Int8Linear) -> Int8Linear:
+    """One int8 layer whose outputs are the given layers' outputs side by side: the same int8 rows and scales, so
+    each output equals the separate layer's bit for bit (fbgemm computes every output column on its own). The
+    given layers keep working, their rows now views of the fused layer's (one copy in memory, and fbgemm's packed
+    copy only of the fused layer unless transformers' modules run too)."""
+    bias = None
+    if any(layer.bias is not None for layer in layers):
+        bias = torch.cat([layer.bias if layer.bias is not None else torch.zeros(layer.out_features)
+                          for layer in layers])
+    fused = Int8Linear(torch.cat([layer.quantized for layer in layers]), torch.cat([layer.scale for layer in layers]),
+                       bias)
+    start = 0
+    for layer in layers:
+        rows = slice(start, start + layer.out_features)
+        layer.quantized, layer.scale = fused.quantized[rows], fused.scale[rows]
+        start += layer.out_features
+    return fused
+
+
+class _Layer:
+    def __init__(self, layer: torch.nn.Module, layer_type: str):
+        attention, mlp = layer.self_attn, layer.mlp
+        self.sliding = layer_type == "sliding_attention"
+        self.layer_type = layer_type
+        self.qkv = _fuse(attention.q_proj, attention.k_proj, attention.v_proj)
+        self.split = (attention.q_proj.out_features, attention.k_proj.out_features, attention.v_proj.out_features)
+        self.o_proj = attention.o_proj
+        self.gate_up = _fuse(mlp.gate_proj, mlp.up_proj)
+        self.down = mlp.down_proj
+        self.act = mlp.act_fn
+        # Gemma's norms scale by (1 + weight).
+        self.norms = [1.0 + module.weight.float() for module in (
+            layer.input_layernorm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm,
+            layer.post_feedforward_layernorm, attention.q_norm, attention.k_norm)]
+        self.eps = layer.input_layernorm.eps
+        self.head_eps = attention.q_norm.eps
+        self.scaling = attention.scaling
+
+
+class LeanGemma3:
+    """The decoder of a Gemma 3 model with int8 weights, and its cache: feed tokens, crop the last ones."""
+
+    def __init__(self, model: torch.nn.Module):
+        decoder = model.get_decoder()
+        config = model.config
+        self._embed = decoder.embed_tokens
+        self._rotary = decoder.rotary_emb
+        self._final_norm = 1.0 + decoder.norm.weight.float()
+        self._final_eps = decoder.norm.eps
+        self._layers = [_Layer(layer, layer_type) for layer, layer_type in zip(decoder.layers, config.layer_types)]
+        self._window = config.sliding_window
+        self._heads = config.num_attention_heads
+        self._kv_heads = config.num_key_value_heads
+        self._head_dim = config.head_dim
+        self.length = 0
+        self._keys: list[torch.Tensor] = []
+        self._values: list[torch.Tensor] = []
+
+    def reset(self) -> None:
+        """Drops the cache (its memory is freed)."""
+        self.length = 0
+        self._keys, self._values = [], []
+
+    def crop(self, n_tokens: int) -> None:
+        """Forgets the last n_tokens fed."""
+        self.length -= n_tokens
+
+    def key_value_states(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of one layer's cached keys and values, [1, kv_heads, length, head_dim] each."""
+        return (self._keys[layer_index][:, : self.length].unsqueeze(0),
+                self._values[layer_index][:, : self.length].unsqueeze(0))
+
+    def feed(self, token_ids: list[int]) -> torch.Tensor:
+        """Runs the decoder over token_ids after the cached ones; returns the final hidden states [n, H]."""
+        n, start = len(token_ids), self.length
+        end = start + n
+        self._reserve(end)
+        ids = torch.tensor(token_ids, dtype=torch.long)
+        hidden = self._embed(ids)  # [n, H], Gemma's sqrt(H) scale included
+        positions = torch.arange(start, end)[None]
+        rotary = {layer_type: self._rotary(hidden, positions, layer_type)
+                  for layer_type in {layer.layer_type for layer in self._layers}}
+        masks = {sliding: self._mask(start, n, sliding) for sliding in (False, True)}
+        for index, layer in enumerate(self._layers):
+            hidden = self._layer(index, layer, hidden, rotary[layer.layer_type], masks[layer.sliding], start, end)
+        self.length = end
+        return _rms_norm(hidden, self._final_norm, self._final_eps)
+
+    def _layer(self, index, layer, hidden, rotary, mask, start, end):
+        n = hidden.shape[0]
+        x = _rms_norm(hidden, layer.norms[0], layer.eps)
+        q, k, v = layer.qkv(x).split(layer.split, dim=-1)
+        q = _rms_norm(q.view(n, self._heads, self._head_dim), layer.norms[4], layer.head_eps)
+        k = _rms_norm(k.view(n, self._kv_heads, self._head_dim), layer.norms[5], layer.head_eps)
+        cos, sin = (t[0, :, None, :] for t in rotary)  # [n, 1, head_dim]
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        keys, values = self._keys[index], self._values[index]  # [kv_heads, capacity, head_dim]
+        keys[:, start:end] = k.transpose(0, 1)
+        values[:, start:end] = v.view(n, self._kv_heads, self._head_dim).transpose(0, 1)
+        first = max(0, start - self._window + 1) if layer.sliding else 0
+        attended = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], keys[None, :, first:end], values[None, :, first:end],
+            attn_mask=None if mask is None else mask[:, first:], scale=layer.scaling, enable_gqa=True)
+        attention = layer.o_proj(attended[0].transpose(0, 1).reshape(n, -1))
+        hidden = hidden + _rms_norm(attention, layer.norms[1], layer.eps)
+        x = _rms_norm(hidden, layer.norms[2], layer.eps)
+        gate, up = layer.gate_up(x).chunk(2, dim=-1)
+        return hidden + _rms_norm(layer.down(layer.act(gate) * up), layer.norms[3], layer.eps)
+
+    def _mask(self, start: int, n: int, sliding: bool) -> torch.Tensor | None:
+        """[n, start + n] booleans, True where query i (position start + i) may attend to key j; None when every
+        cached key is allowed (one query, no window cut inside the attended span)."""
+        if n == 1:
+            return None  # the attended span (from `first`, see _layer) already is the window
+        query = torch.arange(start, start + n)[:, None]
+        key = torch.arange(start + n)[None]
+        allowed = key <= query
+        if sliding:
+            allowed &= key > query - self._window
+        return allowed
+
+    def _reserve(self, end: int) -> None:
+        capacity = self._keys[0].shape[1] if self._keys else 0
+        if end <= capacity:
+            return
+        new_capacity = max(_INITIAL_CAPACITY, capacity)
+        while new_capacity < end:
+            new_capacity *= 2
+        shape = (self._kv_heads, new_capacity, self._head_dim)
+        grown_keys, grown_values = [], []
+        for index in range(len(self._layers)):
+            keys, values = torch.empty(shape), torch.empty(shape)
+            if capacity:
+                keys[:, : self.length] = self._keys[index][:, : self.length]
+                values[:, : self.length] = self._values[index][:, : self.length]
+            grown_keys.append(keys)
+            grown_values.append(values)
+        self._keys, self._values = grown_keys, grown_values
+
+
+def _rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    # As Gemma3RMSNorm in float32: x * rsqrt(mean(x^2) + eps) * (1 + weight).
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * scale
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
