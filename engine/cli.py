@@ -104,13 +104,14 @@ def run_generate(args: argparse.Namespace) -> int:
         stop=tuple(args.stop),
     )
     engine = Engine.load(engine_options(args))
+    on_text = None if args.json else (lambda text, _: print(text, end="", flush=True))
+    handle = engine.submit(request, on_text)
     try:
+        result = handle.result()
         if args.json:
-            result = engine.generate(request)
             json.dump(result.to_dict(), sys.stdout)
             sys.stdout.write("\n")
         else:
-            result = engine.generate(request, on_text=lambda text, _: print(text, end="", flush=True))
             print()
             stats = result.stats
             logging.getLogger("mtp-mcp").info(
@@ -119,6 +120,8 @@ def run_generate(args: argparse.Namespace) -> int:
                 stats.drafter,
             )
     finally:
+        # Ctrl-C (KeyboardInterrupt) lands here too: stop the generation within a step instead of finishing it.
+        handle.cancel()
         engine.close()
     return 0
 

@@ -46,9 +46,12 @@ def generate(
     else:
         generator.manual_seed(request.seed)
 
-    new_hidden = target.prefill(prompt_ids[:-1])
-    drafter.begin(prompt_ids, sampling, generator)
+    new_hidden = target.prefill(prompt_ids[:-1], cancel)
     stats.prefill_time_s = time.perf_counter() - started
+    if new_hidden is None:  # cancelled between two chunks of the prompt
+        stats.total_time_s = time.perf_counter() - started
+        return GenerationResult(text="", token_ids=[], finish_reason="cancelled", stats=stats)
+    drafter.begin(prompt_ids, sampling, generator)
 
     tokens = list(prompt_ids)
     generated: list[int] = []
@@ -70,7 +73,9 @@ def generate(
         step_started = time.perf_counter()
         # Each pass yields accepted + 1 tokens: draft at most one fewer than the request still allows.
         draft_budget = min(request.max_new_tokens - len(generated), context_length - len(tokens)) - 1
-        draft = drafter.propose(DraftContext(tokens, draft_budget, new_hidden, target))
+        if not target.can_roll_back:
+            draft_budget = 0
+        draft = drafter.propose(DraftContext(tokens, draft_budget, new_hidden, target, cancel))
         drafted = time.perf_counter()
 
         # Greedy needs only each position's argmax, which the target finds without the full logits.

@@ -83,10 +83,13 @@ class Engine:
         self.drafter = drafter
         self.totals = EngineTotals()
         self._target = TargetModel(loaded.model)
+        self._target.check_output_path()
         self._eos_ids = _eos_ids(loaded)
         self._tokenizer_lock = threading.Lock()  # fast tokenizers must not encode from two threads at once
         self._totals_lock = threading.Lock()
         self._queue: queue.Queue[GenerationHandle | None] = queue.Queue(maxsize=max_queued_requests)
+        # Guards _closed against submit: a request queued after close drained the queue would never be answered.
+        self._closing_lock = threading.Lock()
         self._closed = False
         self._worker = threading.Thread(target=self._serve, name="mtp-engine", daemon=True)
         self._worker.start()
@@ -128,15 +131,16 @@ class Engine:
             return self.loaded.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
     def submit(self, request: GenerationRequest, on_text: TextCallback | None = None) -> GenerationHandle:
-        if self._closed:
-            raise EngineClosedError("the engine is shut down and takes no more requests")
         handle = GenerationHandle(request, on_text)
-        try:
-            self._queue.put_nowait(handle)
-        except queue.Full:
-            raise EngineBusyError(
-                f"the engine is busy: {self._queue.maxsize} requests are already waiting; try again shortly"
-            ) from None
+        with self._closing_lock:
+            if self._closed:
+                raise EngineClosedError("the engine is shut down and takes no more requests")
+            try:
+                self._queue.put_nowait(handle)
+            except queue.Full:
+                raise EngineBusyError(
+                    f"the engine is busy: {self._queue.maxsize} requests are already waiting; try again shortly"
+                ) from None
         return handle
 
     def generate(self, request: GenerationRequest, on_text: TextCallback | None = None) -> GenerationResult:
@@ -144,9 +148,10 @@ class Engine:
 
     def close(self) -> None:
         """Finishes the request in progress, cancels those still queued, and stops the worker."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._closing_lock:
+            if self._closed:
+                return
+            self._closed = True
         while True:
             try:
                 pending = self._queue.get_nowait()
@@ -162,20 +167,23 @@ class Engine:
             if not handle.future.set_running_or_notify_cancel():
                 continue
             try:
-                result = self._run(handle)
+                outcome: GenerationResult | EngineError = self._run(handle)
             except EngineError as error:
-                handle.future.set_exception(error)
+                outcome = error
             except Exception as error:  # a failed request must never take the engine down
                 log.exception("generation failed")
                 if isinstance(error, torch.OutOfMemoryError):
                     message = "the device ran out of memory; try a shorter prompt or fewer new tokens"
                 else:
                     message = f"generation failed inside the engine ({type(error).__name__}: {error})"
-                handle.future.set_exception(EngineError(message))
+                outcome = EngineError(message)
+            # Caches are freed before the caller hears back, so a result never arrives with the memory still held.
+            self._target.release()
+            self.drafter.release()
+            if isinstance(outcome, EngineError):
+                handle.future.set_exception(outcome)
             else:
-                handle.future.set_result(result)
-            finally:
-                self._target.release()
+                handle.future.set_result(outcome)
 
     def _run(self, handle: GenerationHandle) -> GenerationResult:
         request = handle.request

@@ -95,3 +95,26 @@ def test_a_hidden_state_that_is_not_finite_gets_the_full_logits_answer(screened_
     hidden[2, 7] = float("inf")
     expected = [int(screened_target.logits(row[None]).argmax()) for row in hidden]
     assert screened_target.greedy_tokens(hidden) == expected
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_an_output_layer_with_a_bias_gets_no_screen_and_its_greedy_tokens_count_the_bias(int8):
+    # Phi, GPT-J and CodeGen heads add a bias, which the screen's bound on h . W_v does not cover.
+    model = tiny_gemma3(seed=0)
+    head = model.get_output_embeddings()
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.zero_()
+        biased.bias[7] = 1e3  # the argmax of h . W + b, never of h . W alone
+    model.set_output_embeddings(biased)
+    model.config.tie_word_embeddings = False
+    if int8:
+        from engine.int8_weights import quantize_to_int8
+        quantize_to_int8(model)
+    use_cpu_kernels(model)
+    assert getattr(model.get_output_embeddings(), "argmax_screen", "absent") is None
+    target = TargetModel(model)
+    with torch.inference_mode():
+        hidden = target.prefill(list(range(3, 20)))
+        assert target.greedy_tokens(hidden) == [7] * len(hidden)

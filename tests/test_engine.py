@@ -39,16 +39,16 @@ def test_generate_returns_text_tokens_and_stats(engine):
 
 
 class GateDrafter(NoDrafter):
-    """Holds each request at its start until released, so tests can fill the queue behind it."""
+    """Holds each request at its start until its gate opens, so tests can fill the queue behind it."""
 
     def __init__(self):
         self.entered = threading.Event()
-        self.release = threading.Event()
+        self.gate_open = threading.Event()
         self.fail_next = False
 
     def begin(self, prompt_ids, sampling, generator):
         self.entered.set()
-        assert self.release.wait(30)
+        assert self.gate_open.wait(30)
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("drafter bug")
@@ -59,7 +59,7 @@ def gated():
     drafter = GateDrafter()
     engine = Engine(tiny_loaded(), drafter, max_queued_requests=2)
     yield engine, drafter
-    drafter.release.set()
+    drafter.gate_open.set()
     engine.close()
 
 
@@ -70,7 +70,7 @@ def test_a_full_queue_fails_at_once_and_the_engine_keeps_serving(gated):
     queued = [engine.submit(GenerationRequest(PROMPT, max_new_tokens=2)) for _ in range(2)]
     with pytest.raises(EngineBusyError, match="busy"):
         engine.submit(GenerationRequest(PROMPT, max_new_tokens=2))
-    drafter.release.set()
+    drafter.gate_open.set()
     assert running.result(30).finish_reason == "length"
     assert all(h.result(30).finish_reason == "length" for h in queued)
 
@@ -78,7 +78,7 @@ def test_a_full_queue_fails_at_once_and_the_engine_keeps_serving(gated):
 def test_a_failing_request_is_reported_and_the_next_one_runs(gated):
     engine, drafter = gated
     drafter.fail_next = True
-    drafter.release.set()
+    drafter.gate_open.set()
     with pytest.raises(EngineError, match="drafter bug"):
         engine.generate(GenerationRequest(PROMPT, max_new_tokens=4))
     assert engine.generate(GenerationRequest(PROMPT, max_new_tokens=4)).finish_reason == "length"
@@ -90,7 +90,7 @@ def test_cancel_before_start_returns_cancelled(gated):
     assert drafter.entered.wait(30)
     waiting = engine.submit(GenerationRequest(PROMPT, max_new_tokens=50))
     waiting.cancel()
-    drafter.release.set()
+    drafter.gate_open.set()
     assert waiting.result(30).finish_reason == "cancelled"
 
 
@@ -169,3 +169,84 @@ def test_closed_engine_refuses_new_requests():
 def test_bad_drafter_choices_are_refused(name, draft_model, num, message):
     with pytest.raises(InvalidRequestError, match=message):
         create_drafter(name, tiny_loaded(), draft_model, num)
+
+
+def test_a_cancelled_prefill_stops_between_chunks_and_the_engine_serves_the_next_request():
+    loaded = tiny_loaded()
+    engine = Engine(loaded, NoDrafter())
+    engine._target.prefill_chunk_tokens = 4
+    chunks_fed = []
+    started = threading.Event()
+
+    def count_and_cancel(module, args, kwargs):
+        chunks_fed.append(kwargs["input_ids"].shape[1])
+        started.set()
+
+    hook = loaded.model.get_decoder().register_forward_pre_hook(count_and_cancel, with_kwargs=True)
+    try:
+        handle = engine.submit(GenerationRequest(PROMPT * 3, max_new_tokens=8))
+        started.wait(5)
+        handle.cancel()
+        result = handle.result(timeout=30)
+        assert result.finish_reason == "cancelled" and result.token_ids == []
+        prompt_chunks = -(-(len(TOKENIZER(PROMPT * 3)["input_ids"]) - 1) // 4)
+        assert len(chunks_fed) < prompt_chunks  # stopped before the end of the prompt
+        chunks_fed.clear()
+        after = engine.generate(GenerationRequest(PROMPT, max_new_tokens=8))
+        assert after.finish_reason == "length" and len(after.token_ids) == 8
+    finally:
+        hook.remove()
+        engine.close()
+
+
+def test_a_draft_model_stops_its_first_feed_when_cancelled():
+    from engine.drafters.base import DraftContext
+    from engine.drafters.draft_model import DraftModelDrafter
+    from engine.sampling import SamplingParams
+    from engine.target import TargetModel
+
+    draft = DraftModelDrafter(tiny_gemma3(seed=1), 3, prefill_chunk_tokens=4)
+    draft.begin(list(range(3, 40)), SamplingParams(), torch.Generator())
+    cancel = threading.Event()
+    cancel.set()
+    target = TargetModel(tiny_gemma3(seed=0))
+    proposal = draft.propose(DraftContext(list(range(3, 40)), 3, torch.empty(0, 64), target, cancel))
+    assert proposal.tokens == [] and len(draft._cached_ids) == 4  # one chunk, then it gave up
+
+
+def test_drafter_caches_are_freed_after_each_request():
+    from engine.drafters.draft_model import DraftModelDrafter
+
+    drafter = DraftModelDrafter(tiny_gemma3(seed=1), 3)
+    engine = Engine(tiny_loaded(), drafter)
+    try:
+        engine.generate(GenerationRequest(PROMPT, max_new_tokens=8))
+        assert drafter._cache is None and drafter._cached_ids == []
+        assert engine._target.cache is None
+    finally:
+        engine.close()
+
+
+def test_submit_racing_close_is_answered_or_refused():
+    # Whatever the interleaving, a submit either raises EngineClosedError or gets a result / the closed error.
+    for _ in range(20):
+        engine = Engine(tiny_loaded(), NoDrafter())
+        handles, errors = [], []
+
+        def submit_many():
+            for _ in range(5):
+                try:
+                    handles.append(engine.submit(GenerationRequest(PROMPT, max_new_tokens=1)))
+                except EngineClosedError as error:
+                    errors.append(error)
+
+        submitter = threading.Thread(target=submit_many)
+        submitter.start()
+        engine.close()
+        submitter.join()
+        for handle in handles:
+            try:
+                handle.result(timeout=30)
+            except EngineClosedError:
+                pass
+        assert len(handles) + len(errors) == 5

@@ -22,6 +22,7 @@ from engine.cpu_kernels import use_cpu_kernels
 from engine.decode import generate
 from engine.drafters import create_drafter
 from engine.drafters.base import Draft, DraftContext
+from engine.drafters.draft_model import DraftModelDrafter
 from engine.engine import Engine, EngineOptions
 from engine.errors import InvalidRequestError, ModelLoadError
 from engine.loading import LoadedModel, load_model
@@ -409,6 +410,14 @@ def test_a_checkpoint_with_incomplete_mtp_tensors(tmp_path):
     target = load_model(str(path), "cpu", "float32", progress=False)
     with pytest.raises(ModelLoadError, match="has incomplete MTP weights: 1 tensor"):
         create_drafter("mtp", target, None, 4)
+    # auto does not fail the whole load over them: it drafts with ngram, or with the draft model it was given.
+    assert create_drafter("auto", target, None, 4).name == "ngram"
+    assert create_drafter("auto", target, str(build_tiny_checkpoint(tmp_path / "draft")), 4).name == "draft-model"
+
+
+def test_auto_with_an_ordinary_draft_model_still_prefers_native_mtp(loaded, checkpoints, tmp_path):
+    draft = build_tiny_checkpoint(tmp_path / "draft")
+    assert create_drafter("auto", loaded["qwen3_5"], str(draft), 4).name == "mtp:qwen3_5"
 
 
 def test_mtp_tensors_in_a_separate_file_are_found(tmp_path):
@@ -453,3 +462,31 @@ def test_the_tiny_checkpoints_carry_the_real_mtp_tensor_names(checkpoints):
     with safe_open(checkpoints["deepseek_v3"] / "model.safetensors", framework="pt") as deepseek:
         assert {"model.layers.2.eh_proj.weight", "model.layers.2.enorm.weight", "model.layers.2.hnorm.weight",
                 "model.layers.2.shared_head.norm.weight"} <= set(deepseek.keys())
+
+
+@pytest.mark.parametrize("name", ["gemma4-oracle", "qwen3_5-oracle", "deepseek_v3-oracle"])
+def test_native_mtp_on_int8_weights_gives_the_engine_s_own_plain_decoding(checkpoints, name):
+    # --quantize int8: the target's linear layers, output layer and embedding in int8, which the MTP heads share.
+    target = load_model(str(checkpoints[name]), "cpu", "float32", quantize="int8", progress=False)
+    assert target.quantization == "int8"
+    for prompt in PROMPTS:
+        ids = prompt_ids(prompt)
+        plain = run(target, create_drafter("none", target, None, 4), ids)
+        drafted = run(target, create_drafter("mtp", target, None, 4), ids)
+        assert drafted.token_ids == plain.token_ids
+        assert drafted.stats.target_passes < plain.stats.target_passes
+
+
+@pytest.mark.parametrize("drafter", ["draft-model", "mtp"])
+def test_a_one_token_prompt_on_a_hybrid_model_decodes_like_transformers(loaded, drafter):
+    # Nothing to prefill: the recurrent states are born in the first step, which must not carry drafts it could
+    # not roll back (the draft model drafts from its first step; the oracle MTP head agrees with the target).
+    target = loaded["qwen3_5-oracle"]
+    ids = [TOKENIZER("The")["input_ids"][0]]
+    if drafter == "draft-model":
+        proposer = DraftModelDrafter(loaded["qwen3_5"].model, 4)
+    else:
+        proposer = create_drafter("mtp", target, None, 4)
+    result = run(target, proposer, ids, max_new_tokens=30)
+    assert result.token_ids == reference(target.model, ids, 30)
+    assert result.stats.target_passes < 30 or drafter == "draft-model"

@@ -19,7 +19,7 @@ from engine.drafters.draft_model import DraftModelDrafter, check_same_vocabulary
 from engine.drafters.gemma4_assistant import is_gemma4_assistant, load_gemma4_assistant_drafter, sibling_assistant
 from engine.drafters.mtp_heads import checkpoint_tensor_files
 from engine.drafters.prompt_lookup import PromptLookupDrafter
-from engine.errors import InvalidRequestError
+from engine.errors import InvalidRequestError, ModelLoadError
 from engine.loading import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -77,11 +77,12 @@ def create_drafter(name: str, target: LoadedModel, draft_model: str | None, num_
 
 def _native_mtp_drafter(target: LoadedModel, draft_model: str | None, num_draft_tokens: int, *,
                         required: bool) -> Drafter | None:
-    """The model's own MTP drafter; None (auto) or InvalidRequestError (mtp) when it has none."""
-    if draft_model is not None:
-        if required or is_gemma4_assistant(draft_model):
-            return load_gemma4_assistant_drafter(draft_model, target, num_draft_tokens)
-        return None  # auto with an ordinary draft model
+    """The model's own MTP drafter; None (auto) or InvalidRequestError (mtp) when it has none. Under auto, MTP
+    layers that cannot be used (tensors partly missing, an unsupported variant) log a warning and give None, so the
+    caller falls back to the draft model or ngram instead of failing the whole load."""
+    if draft_model is not None and (required or is_gemma4_assistant(draft_model)):
+        return load_gemma4_assistant_drafter(draft_model, target, num_draft_tokens)
+    # auto with an ordinary draft model still prefers the model's own MTP (the module docstring's order).
     assistant = sibling_assistant(target.path)
     if assistant is not None:
         log.info("using the Gemma 4 assistant found beside the model: %s", assistant)
@@ -94,9 +95,16 @@ def _native_mtp_drafter(target: LoadedModel, draft_model: str | None, num_draft_
             pattern = tensor_names(target)
             if not any(pattern.search(tensor) for tensor in checkpoint_tensor_files(target.path)):
                 log.warning("model %s declares MTP layers but its checkpoint holds none of their tensors; "
-                            "drafting with ngram instead", target.name)
+                            "drafting with %s instead", target.name, "the draft model" if draft_model else "ngram")
                 return None
-        return load(target, num_draft_tokens)
+        try:
+            return load(target, num_draft_tokens)
+        except (ModelLoadError, InvalidRequestError) as error:
+            if required:
+                raise
+            log.warning("model %s's MTP layers cannot be used (%s); drafting with %s instead", target.name, error,
+                        "the draft model" if draft_model else "ngram")
+            return None
     if required:
         raise InvalidRequestError(
             f"model '{target.name}' has no multi-token prediction of its own: its config declares no MTP layers "

@@ -19,3 +19,6 @@ class NoDrafter:
 
     def observe(self, proposed: int, accepted: int) -> None:
         pass
+
+    def release(self) -> None:
+        pass

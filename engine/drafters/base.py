@@ -6,6 +6,7 @@ Drafters never decide what is accepted (engine.verify does) and never touch the 
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -34,6 +35,9 @@ class DraftContext:
     # token_ids[-len(new_hidden) + j], i.e. the one that predicted it. MTP heads consume these (h_t, x_{t+1}) pairs.
     new_hidden: torch.Tensor
     target: TargetModel  # read-only: for drafters that attend to the target's KV cache or share its output layer
+    # Set when the request is cancelled: a drafter with a long feed of its own (a draft model's first pass over the
+    # prompt) checks it between chunks and gives up, proposing nothing.
+    cancel: threading.Event | None = None
 
 
 class Drafter(Protocol):
@@ -47,6 +51,10 @@ class Drafter(Protocol):
 
     def observe(self, proposed: int, accepted: int) -> None:
         """Learns from the verdict on the last proposal (e.g. to adapt the draft length)."""
+
+    def release(self) -> None:
+        """Frees what the drafter holds for the request that just ended (caches), so its memory does not outlive
+        the request; the engine calls it after every request, finished, failed or cancelled."""
 
 
 class AdaptiveDraftLength:

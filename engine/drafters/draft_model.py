@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -53,7 +55,9 @@ class DraftModelDrafter:
         drafted: list[int] = []
         draft_probs: list[torch.Tensor] = []
         for _ in range(limit):
-            logits = self._forward(feed)
+            logits = self._forward(feed, context.cancel)
+            if logits is None:  # cancelled during a long feed
+                return NO_DRAFT
             if self._sampling.greedy:
                 token = int(logits.argmax())
             else:
@@ -70,9 +74,12 @@ class DraftModelDrafter:
         probs = torch.nn.functional.pad(probs, (0, max(0, width - probs.shape[-1])))[:, :width]
         return Draft(tokens=drafted, probs=probs.to(context.target.device))
 
-    def _forward(self, token_ids: list[int]) -> torch.Tensor:
-        """Feeds token_ids into the draft cache; returns the logits after the last one ([V], float32)."""
+    def _forward(self, token_ids: list[int], cancel: threading.Event | None = None) -> torch.Tensor | None:
+        """Feeds token_ids into the draft cache; returns the logits after the last one ([V], float32), or None if
+        `cancel` was set between two chunks (the cache then holds the chunks fed so far, as _cached_ids says)."""
         for start in range(0, len(token_ids), self.prefill_chunk_tokens):
+            if start and cancel is not None and cancel.is_set():
+                return None
             chunk = token_ids[start : start + self.prefill_chunk_tokens]
             input_ids = torch.tensor([chunk], dtype=torch.long, device=self.model.device)
             out = self.model(input_ids=input_ids, cache=self._cache, use_cache=True, logits_to_keep=1)
@@ -81,6 +88,10 @@ class DraftModelDrafter:
 
     def observe(self, proposed: int, accepted: int) -> None:
         self.length.update(proposed, accepted)
+
+    def release(self) -> None:
+        self._cache = None
+        self._cached_ids = []
 
 
 def check_same_vocabulary(target: PreTrainedTokenizerBase, draft: PreTrainedTokenizerBase, draft_name: str) -> None:

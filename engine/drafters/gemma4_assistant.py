@@ -84,6 +84,9 @@ class Gemma4AssistantDrafter:
     def observe(self, proposed: int, accepted: int) -> None:
         self.length.update(proposed, accepted)
 
+    def release(self) -> None:
+        self._hidden = None
+
 
 def is_gemma4_assistant(path: str | Path) -> bool:
     """Whether the directory holds a Gemma 4 assistant (by its config.json)."""

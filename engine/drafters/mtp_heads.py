@@ -124,6 +124,10 @@ class MtpHeadDrafter:
     def observe(self, proposed: int, accepted: int) -> None:
         self.length.update(proposed, accepted)
 
+    def release(self) -> None:
+        self._cache = None
+        self._pending_hidden = None
+
     def _run(self, depth: int, hidden: torch.Tensor, token_ids: list[int], first_position: int) -> torch.Tensor:
         """Feeds pairs (hidden[i], token_ids[i]) at positions first_position + i to depth `depth`: [n, H] -> [n, H]."""
         device = hidden.device
@@ -193,7 +197,11 @@ def load_mtp_heads(target: LoadedModel, num_layers: int, tensor_names: re.Patter
     heads.tie_with_main_model(model)
     # Anything still on the meta device (a weight or buffer the checkpoint did not provide) would fail at first use.
     on_meta = {name for name, tensor in chain(heads.named_parameters(), heads.named_buffers()) if tensor.is_meta}
-    missing = sorted(loading.missing_keys | on_meta | {name for name, *_ in loading.mismatched_keys})
+    # The embedding and head now are the target's own modules: nothing of theirs comes from the MTP tensors (an int8
+    # head's buffers are not among the tied keys transformers knows to leave out).
+    targets_own = {id(module) for module in model.modules()}
+    missing = sorted(name for name in loading.missing_keys | on_meta | {name for name, *_ in loading.mismatched_keys}
+                     if id(heads.get_submodule(name.rpartition(".")[0])) not in targets_own)
     if missing:
         raise ModelLoadError(
             f"model '{target.name}' has incomplete MTP weights: {len(missing)} tensor(s) missing or of the wrong "

@@ -45,3 +45,7 @@ class PromptLookupDrafter:
 
     def observe(self, proposed: int, accepted: int) -> None:
         self.length.update(proposed, accepted)
+
+    def release(self) -> None:
+        self._latest_end.clear()
+        self._indexed = 0
