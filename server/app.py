@@ -22,6 +22,7 @@ from pydantic import Field
 
 from engine.engine import Engine
 from engine.errors import EngineError, InvalidRequestError
+from server.argument_errors import OneSentenceArgumentErrors
 from server.prompts import CodeBoundary, Prompt, chat_prompt, continuation_prompt
 from server.resident import LoadedEngine, ResidentEngine
 from server.schemas import (
@@ -71,7 +72,7 @@ def create_server(engine: Engine | Callable[[], Engine], *, auth: AuthProvider |
             await resident.close()
 
     mcp = FastMCP("mtp-mcp", instructions=INSTRUCTIONS, version=version("mtp-mcp"), lifespan=engine_lifespan,
-                  mask_error_details=True, auth=auth)
+                  mask_error_details=True, auth=auth, middleware=[OneSentenceArgumentErrors()])
 
     async def loaded_engine(ctx: Context) -> LoadedEngine:
         return await ctx.lifespan_context["engine"].get()

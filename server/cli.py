@@ -33,8 +33,9 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="HTTP address to bind (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     serve.add_argument("--path", default="/mcp", help="HTTP path of the MCP endpoint (default: /mcp)")
-    serve.add_argument("--auth-token", help=f"bearer token HTTP clients must send (default: ${TOKEN_ENV}); "
-                       "required when --host is not a loopback address")
+    serve.add_argument("--auth-token", help=f"bearer token HTTP clients must send (default: ${TOKEN_ENV}, which is "
+                       "better: a token on the command line is visible to other users in `ps`); required when --host "
+                       "is not a loopback address. A token that starts with '-' must be written --auth-token=TOKEN")
     serve.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED_REQUESTS,
                        help="generations that may wait for the engine; beyond this, calls fail at once "
                        f"(default: {DEFAULT_MAX_QUEUED_REQUESTS})")

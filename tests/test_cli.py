@@ -71,3 +71,10 @@ def test_a_draft_model_with_another_tokenizer_is_refused(tiny_dir, tmp_path, cap
 def test_serve_refuses_bad_options_before_starting(args, message, capsys):
     assert main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_an_auth_token_that_starts_with_a_dash_is_taken_in_the_equals_form():
+    from engine.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--transport", "http", "--auth-token=-starts-with-a-dash"])
+    assert args.auth_token == "-starts-with-a-dash"

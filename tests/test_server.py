@@ -259,23 +259,24 @@ async def test_concurrent_calls_are_all_answered(client):
 @pytest.mark.parametrize(("tool", "args", "message"), [
     ("generate", {}, "give exactly one of prompt"),
     ("generate", {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, "give exactly one of prompt"),
-    ("generate", {"prompt": ""}, "at least 1 character"),
+    ("generate", {"prompt": ""}, "prompt is ''; it must be text of 1 to 1,000,000 characters (or left out)"),
     ("generate", {"prompt": "   "}, "the prompt is empty"),
-    ("generate", {"prompt": "x", "max_new_tokens": 0}, "greater than or equal to 1"),
-    ("generate", {"prompt": "x", "temperature": 3}, "less than or equal to 2"),
-    ("generate", {"prompt": "x", "top_p": 0}, "greater than 0"),
+    ("generate", {"prompt": "x", "max_new_tokens": 0}, "max_new_tokens is 0; it must be a whole number from 1 to "),
+    ("generate", {"prompt": "x", "temperature": 3}, "temperature is 3; it must be a finite number from 0 to 2"),
+    ("generate", {"prompt": "x", "temperature": "nan"}, "temperature is 'nan'; it must be a finite number from 0 to 2"),
+    ("generate", {"prompt": "x", "top_p": 0}, "top_p is 0; it must be a finite number greater than 0 and at most 1"),
     ("generate", {"prompt": "x", "stop": [""]}, "at least 1 character"),
-    ("generate", {"prompt": "x", "max_new_tokens": "many"}, "valid integer"),
-    ("generate", {"messages": []}, "at least 1 item"),
+    ("generate", {"prompt": "x", "max_new_tokens": "many"}, "max_new_tokens is 'many'; it must be a whole number"),
+    ("generate", {"messages": []}, "messages is []; it must be a list of 1 to 256 items (or left out)"),
     ("generate", {"messages": [{"role": "robot", "content": "x"}]}, "'system', 'user' or 'assistant'"),
     ("generate", {"messages": [{"role": "system", "content": "x"}]}, "only system text"),
     ("generate", {"prompt": "hello " * 600}, "beyond the model's context of 512 tokens"),
     ("generate", {"prompt": "x", "max_new_tokens": 600}, "ask for at most 510 new tokens"),
-    ("complete_code", {"prefix": ""}, "at least 1 character"),
-    ("complete_code", {"prefix": "x", "language": "py thon"}, "should match pattern"),
+    ("complete_code", {"prefix": ""}, "prefix is ''; it must be text of 1 to 1,000,000 characters"),
+    ("complete_code", {"prefix": "x", "language": "py thon"}, "language is 'py thon'; it must be text of at most 40"),
     ("summarise", {"text": " \n "}, "the text is empty"),
-    ("summarise", {"text": "x", "style": "poem"}, "'paragraph', 'bullets' or 'tldr'"),
-    ("summarise", {"text": "x", "max_words": 5}, "greater than or equal to 10"),
+    ("summarise", {"text": "x", "style": "poem"}, "style is 'poem'; it must be one of: paragraph, bullets, tldr"),
+    ("summarise", {"text": "x", "max_words": 5}, "max_words is 5; it must be a whole number from 10 to "),
     ("summarise", {"text": "x", "max_words": 1000}, "leaves no room for the text in the model's context of 512"),
     ("nonexistent", {}, "Unknown tool"),
 ])
@@ -284,6 +285,7 @@ async def test_bad_calls_get_one_clear_error_and_the_server_carries_on(client, t
     assert result.is_error
     assert message in result.content[0].text
     assert "Traceback" not in result.content[0].text
+    assert "\n" not in result.content[0].text and "pydantic" not in result.content[0].text  # one sentence
     assert not (await client.call_tool("generate", {"prompt": "ok", "max_new_tokens": 2})).is_error
 
 
