@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.int8_weights import Int8Linear, split_residue, two_level_product
+from engine.memory import release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +190,8 @@ def use_cpu_kernels(model: torch.nn.Module) -> int:
     screenable = getattr(head, "bias", None) is None
     if isinstance(head, Int8Linear):  # int8 weights (engine/int8_weights.py): screen the layer's own rows
         head.argmax_screen = Int8ArgmaxScreen(head) if screenable else None
+        head.packed  # read at every step: packed at load, not at the first request
+        release_freed_memory()
         log.info("CPU kernels: int8 weights%s", ", int8 argmax screen for greedy decoding" if screenable else "")
         return 0
     parameter = next(model.parameters())

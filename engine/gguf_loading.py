@@ -32,6 +32,7 @@ from transformers.modeling_gguf_pytorch_utils import (
 )
 
 from engine.int8_weights import Int8Embedding, Int8Linear, quantize_rows
+from engine.memory import release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,8 @@ def load_gguf_weights(described: Path, gguf_path: Path, int8: bool) -> torch.nn.
         if hf_name in int8_targets and GGMLQuantizationType(tensor.type) not in _FLOAT_TYPES:
             quantized, scale = quantize_rows(torch.from_numpy(chunk) for chunk in chunks)
             int8_rows[hf_name.removesuffix(".weight")] = Int8Linear(quantized, scale)
+            if quantized.numel() > _CHUNK_ROWS * 256:  # a large tensor's float32 chunks are freed: give them back
+                release_freed_memory()
         else:
             _set_tensor(model, hf_name, torch.from_numpy(np.concatenate(list(chunks))))
         loaded.add(hf_name)
@@ -150,6 +153,7 @@ def load_gguf_weights(described: Path, gguf_path: Path, int8: bool) -> torch.nn.
         model.set_input_embeddings(Int8Embedding(rows, getattr(embedding, "embed_scale", None)))
     elif tied:
         model.tie_weights()
+    release_freed_memory()
     return model
 
 

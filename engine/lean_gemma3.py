@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.int8_weights import Int8Linear
+from engine.memory import release_freed_memory
 
 _INITIAL_CAPACITY = 1024  # tokens of cache allocated at first; doubled whenever a feed would overflow it
 
@@ -91,6 +92,11 @@ class LeanGemma3:
         self._final_norm = 1.0 + decoder.norm.weight.float()
         self._final_eps = decoder.norm.eps
         self._layers = [_Layer(layer, layer_type) for layer, layer_type in zip(decoder.layers, config.layer_types)]
+        # Packed now, not at the first request: every layer here is read at every step.
+        for layer in self._layers:
+            for linear in (layer.qkv, layer.o_proj, layer.gate_up, layer.down):
+                linear.packed
+        release_freed_memory()
         self._window = config.sliding_window
         self._heads = config.num_attention_heads
         self._kv_heads = config.num_key_value_heads

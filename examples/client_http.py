@@ -14,7 +14,9 @@ from fastmcp import Client
 
 
 async def print_streamed_text(progress: float, total: float | None, message: str | None) -> None:
-    if message:
+    if message and progress < 1:  # the model is still loading: a status line, not text
+        print(message, file=sys.stderr)
+    elif message:
         print(message, end="", flush=True)
 
 

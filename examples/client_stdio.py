@@ -31,7 +31,9 @@ CALLS = [
 
 
 async def print_streamed_text(progress: float, total: float | None, message: str | None) -> None:
-    if message:  # the new text; a message-less notification only moves the progress count
+    if message and progress < 1:  # the model is still loading: a status line, not text
+        print(message, file=sys.stderr)
+    elif message:  # the new text; a message-less notification only moves the progress count
         print(message, end="", flush=True)
 
 

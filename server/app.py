@@ -75,7 +75,14 @@ def create_server(engine: Engine | Callable[[], Engine], *, auth: AuthProvider |
                   mask_error_details=True, auth=auth, middleware=[OneSentenceArgumentErrors()])
 
     async def loaded_engine(ctx: Context) -> LoadedEngine:
-        return await ctx.lifespan_context["engine"].get()
+        async def still_loading(seconds: float) -> None:
+            # Progress must grow and the generation's own reports count tokens from 1: while loading it stays
+            # below 1 (seconds / 1000). Each notification also resets the host's request timeout.
+            await ctx.report_progress(min(seconds / 1000, 0.999), None,
+                                      f"the model is still loading ({seconds:.0f} s so far; a first start ever "
+                                      "reads the GGUF's metadata once, about 90 s on 2 cores)")
+
+        return await ctx.lifespan_context["engine"].get(still_loading)
 
     def progress_to(ctx: Context, total: int) -> ProgressReport:
         async def report(tokens: int, delta: str) -> None:

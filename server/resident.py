@@ -1,7 +1,7 @@
 """The server's one engine: loaded in the background when the server starts, shared by every client, closed at
 shutdown.
 
-Loading takes seconds (minutes the first time the embedded model is converted), longer than hosts wait for a server
+Loading takes seconds (more than a minute the first time a GGUF is described), longer than hosts wait for a server
 to start, so the server answers at once (tool lists, resources) while a thread loads the model; tool calls wait for
 it. A load failure is logged and every tool call then reports it: the server stays up to say what is wrong.
 """
@@ -12,7 +12,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from typing import Literal
 
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 # A few tokens through the whole path (prefill, drafting, verification, detokenization) before the first real call,
 # so it does not pay for first-use allocations.
 WARM_UP_REQUEST = GenerationRequest("Hello", max_new_tokens=4)
+LOADING_REPORT_INTERVAL_S = 2.0
 
 
 class LoadedEngine:
@@ -69,9 +70,17 @@ class ResidentEngine:
         """The engine if it is ready now, without waiting."""
         return self._loaded.result() if self.state == "ready" else None
 
-    async def get(self) -> LoadedEngine:
-        """Waits for the engine (without blocking the event loop); raises ModelLoadError if it could not be loaded."""
-        return await asyncio.wrap_future(self._loaded)
+    async def get(self, while_loading: Callable[[float], Awaitable[None]] | None = None) -> LoadedEngine:
+        """Waits for the engine (without blocking the event loop); raises ModelLoadError if it could not be loaded.
+        while_loading(seconds since the load started) is awaited every LOADING_REPORT_INTERVAL_S while it loads:
+        a call that waits minutes in silence makes many hosts give up (a 60 s timeout is common)."""
+        loaded = asyncio.wrap_future(self._loaded)
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(loaded), LOADING_REPORT_INTERVAL_S)
+            except TimeoutError:
+                if while_loading is not None:
+                    await while_loading(time.time() - self.started_at)
 
     async def close(self) -> None:
         """Closes an engine this object loaded: the request in progress finishes, queued ones are refused."""

@@ -32,6 +32,7 @@ MAX_CHUNK_TOKENS = 4096
 # A partial summary gets this share of the input budget, so at least this many partials fit in one reduce step.
 PARTIALS_PER_REDUCE = 4
 MIN_INPUT_TOKENS = 64  # below this a chunk is too small to summarise usefully
+_STYLE_WORDS = {"paragraph": "a paragraph", "bullets": "bullet points", "tldr": "a TL;DR"}
 
 # (progress in tokens, planned total, text delta or None)
 SummaryProgress = Callable[[int, int, str | None], Awaitable[None]]
@@ -85,6 +86,17 @@ async def summarise(
         if len(partials) > 1:
             tracker.plan(partial_tokens * len(partials))
     final = await summarise_one(partials[0], style, max_words, final_tokens, True)
+    if not final.text:
+        # A small base model sometimes ends its answer at once under one framing (seen with a short announcement
+        # and its bullet points): ask once more under another rather than return an empty summary.
+        # (paragraph and tldr share one framing on base models, so the other is bullets unless bullets failed.)
+        other: SummaryStyle = "bullets" if style != "bullets" else "paragraph"
+        tracker.plan(final_tokens)
+        final = await summarise_one(partials[0], other, max_words, final_tokens, True)
+        if not final.text:
+            raise EngineError(f"the model wrote no summary of this text: it ended its answer at once when asked for "
+                              f"{_STYLE_WORDS[style]}, and again when asked for {_STYLE_WORDS[other]}; try another "
+                              "model")
     return SummaryOutcome(final.text, final.finish_reason, tracker.stats, len(chunks))
 
 

@@ -1,6 +1,7 @@
 """`mtp-mcp generate`: text or JSON on stdout, exit code 2 and one sentence on stderr for bad input."""
 
 import json
+import threading
 
 import pytest
 
@@ -78,3 +79,32 @@ def test_an_auth_token_that_starts_with_a_dash_is_taken_in_the_equals_form():
 
     args = build_parser().parse_args(["serve", "--transport", "http", "--auth-token=-starts-with-a-dash"])
     assert args.auth_token == "-starts-with-a-dash"
+
+
+def test_ctrl_c_cancels_the_running_generation(tiny_dir, monkeypatch):
+    # Ctrl-C arrives as KeyboardInterrupt while the main thread waits for the result: the generation must be
+    # cancelled (stopping within a step) before the engine is closed, not left to run to max_new_tokens.
+    from engine.engine import GenerationHandle
+
+    handles = []
+    wait = GenerationHandle.result
+
+    def interrupted(self, timeout=None):
+        handles.append(self)
+        self.on_text_seen.wait(30)  # the generation is running
+        raise KeyboardInterrupt
+
+    def watch_text(self, request, on_text):
+        original_init(self, request, on_text)
+        self.on_text_seen = threading.Event()
+        user = self.on_text
+        self.on_text = lambda text, n: (self.on_text_seen.set(), user and user(text, n))
+
+    original_init = GenerationHandle.__init__
+    monkeypatch.setattr(GenerationHandle, "__init__", watch_text)
+    monkeypatch.setattr(GenerationHandle, "result", interrupted)
+    code = main(["generate", "The quick brown fox", "--model", tiny_dir, "--max-new-tokens", "400", "--drafter",
+                 "none", "--json"])
+    assert code == 130
+    result = wait(handles[0], timeout=30)
+    assert result.finish_reason == "cancelled" and len(result.token_ids) < 400

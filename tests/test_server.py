@@ -2,6 +2,7 @@
 concurrency, errors and resources. Random weights generate gibberish: these tests check plumbing, not quality."""
 
 import asyncio
+import dataclasses
 import json
 
 import pytest
@@ -192,6 +193,35 @@ async def test_summarise_a_short_text_in_one_generation(client):
     assert out["text"] == out["text"].strip()  # the guard drops the space a base model starts its answer with
 
 
+@pytest.mark.parametrize(("empty_answers", "style"), [(1, "bullets"), (1, "paragraph"), (2, "tldr")])
+async def test_an_empty_summary_is_asked_again_under_another_framing_or_refused(client, monkeypatch, empty_answers,
+                                                                                style):
+    # The 270M base model sometimes ends its answer at once (a short announcement with bullet points gave text "").
+    import server.summarise as summarise_module
+
+    real = summarise_module.generate_streamed
+    styles = []
+
+    async def ends_at_once(engine, request, report, text_filter=None):
+        styles.append(request.prompt)
+        streamed = await real(engine, request, report, text_filter)
+        if len(styles) <= empty_answers:
+            return dataclasses.replace(streamed, text="")
+        return streamed
+
+    monkeypatch.setattr(summarise_module, "generate_streamed", ends_at_once)
+    result = await client.call_tool("summarise", {"text": "The fox ran. The dog slept. " * 5, "style": style},
+                                    raise_on_error=False)
+    assert len(styles) == 2 and styles[0] != styles[1]  # asked twice, under two framings
+    if empty_answers == 1:
+        assert not result.is_error and result.structured_content["text"]
+    else:
+        assert result.is_error
+        assert result.content[0].text == ("the model wrote no summary of this text: it ended its answer at once when "
+                                          "asked for a TL;DR, and again when asked for bullet points; try another "
+                                          "model")
+
+
 async def test_summarise_beyond_the_context_maps_and_reduces_with_progress(engines):
     engine = engines["short"]  # context 256: a few hundred tokens of text need several chunks
     text = "\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog." for i in range(30))
@@ -315,6 +345,30 @@ async def test_a_loader_runs_once_in_the_background_and_its_engine_is_closed_at_
     assert stats["requests"] == 2  # the warm-up generation, then the call
     with pytest.raises(EngineClosedError):
         loaded[0].submit(None)
+
+
+async def test_a_call_that_waits_for_the_model_gets_progress_while_it_loads(checkpoints, monkeypatch):
+    import time
+
+    import server.resident
+
+    monkeypatch.setattr(server.resident, "LOADING_REPORT_INTERVAL_S", 0.1)
+
+    def slow_load():
+        time.sleep(1.0)
+        return tiny_engine(checkpoints["plain"])
+
+    progress = Progress()
+    async with Client(create_server(slow_load)) as client:
+        out = (await client.call_tool("generate", {"prompt": "x", "max_new_tokens": 3},
+                                      progress_handler=progress)).structured_content
+    loading = [event for event in progress.events if event[2] and "still loading" in event[2]]
+    assert len(loading) >= 3 and out["completion_tokens"] == 3
+    counts = [p for p, _, _ in progress.events]
+    assert counts == sorted(counts) and len(set(counts)) == len(counts)  # always growing, as MCP requires
+    # Text deltas come with progress >= 1 (tokens); the loading reports stay below 1.
+    assert "".join(message for p, _, message in progress.events if p >= 1 and message) == out["text"]
+    assert all(p < 1 for p, _, _ in loading)
 
 
 async def test_a_model_that_fails_to_load_is_reported_by_every_call():

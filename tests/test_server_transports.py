@@ -96,10 +96,10 @@ def test_serving_beyond_loopback_without_a_token_is_refused(monkeypatch, capsys)
 async def test_stdio_server_on_the_embedded_model(embedded_model, mtp_mcp_cache_dir, tmp_path):
     """Started the way a host starts it; the embedded model is already converted in the session cache."""
     params = StdioServerParameters(command=MTP_MCP, args=["serve"], env={CACHE_DIR_ENV: str(mtp_mcp_cache_dir)})
-    progress: list[str] = []
+    progress: list[tuple[float, str | None]] = []
 
     async def on_progress(tokens, total, message):
-        progress.append(message)
+        progress.append((tokens, message))
 
     log = tmp_path / "stderr.log"
     with open(log, "w") as stderr:
@@ -115,5 +115,7 @@ async def test_stdio_server_on_the_embedded_model(embedded_model, mtp_mcp_cache_
     assert "Paris" in out["text"]  # greedy on a fixed model: the base model answers this one through the transcript
     assert out["finish_reason"] == "stop_string"  # it ended at the next "User:" turn
     assert out["speculation"]["drafter"] == "ngram" and out["speculation"]["target_passes"] >= 1
-    assert "".join(progress) == out["text"]
+    # Text comes with progress >= 1 (tokens); while the model loads, reports below 1 say so.
+    assert "".join(message for tokens, message in progress if tokens >= 1 and message) == out["text"]
+    assert all("still loading" in message for tokens, message in progress if tokens < 1)
     assert "model ready" in log.read_text()  # logs went to stderr, and stdout held only the protocol
