@@ -69,8 +69,10 @@ class TargetModel:
         self.vocab_size = self._lm_head.out_features
         # The exact float rows of the output layer for a few ids: an int8 layer dequantizes just those.
         self._head_rows = getattr(self._lm_head, "dequantized_rows", None) or (lambda ids: self._lm_head.weight[ids])
-        # Set on float32 CPU models by engine.cpu_kernels.use_cpu_kernels, which runs before the target is built.
-        self._argmax_screen = getattr(self._lm_head, "argmax_screen", None)
+        # Set on float32 CPU models by engine.cpu_kernels.use_cpu_kernels, which runs before the target is built. It
+        # finds the output layer's argmax, the model's only while the scaling after the layer keeps the order.
+        order_kept = all(scale is None or scale > 0 for scale in (self._logits_divisor, self._logits_multiplier))
+        self._argmax_screen = getattr(self._lm_head, "argmax_screen", None) if order_kept else None
         self._dot_error_factor = dot_error_factor(self._lm_head.in_features)
         self.cache: DynamicCache | None = None
         # Gemma 3 with int8 weights runs its own lean pass and cache (engine/lean_gemma3.py) instead of transformers'
