@@ -50,7 +50,7 @@ class LoadedModel:
     model: torch.nn.Module  # a transformers *ForCausalLM in eval mode, on `device`, in `dtype`, requires_grad off
     tokenizer: PreTrainedTokenizerBase
     name: str  # for people: directory name, .gguf file name, hub id, or EMBEDDED_NAME
-    path: str  # the directory the weights were read from (for a GGUF: its converted copy in the cache)
+    path: str  # where the weights were read from: a model directory, or the .gguf file itself
     device: torch.device
     dtype: torch.dtype  # of the activations and of every weight that is not int8
     context_length: int  # max positions the model supports
@@ -137,7 +137,7 @@ def load_model(source: str | None, device: str = "auto", dtype: str = "auto", qu
 
 
 def check_source(source: str | None) -> None:
-    """Raises the ModelLoadError that load_model would, if `source` cannot be found; loads and converts nothing
+    """Raises the ModelLoadError that load_model would, if `source` cannot be found; reads no weights
     (so a server can refuse a bad --model before it starts, not minutes later)."""
     if source and not (Path(source).expanduser().is_file() and source.endswith(".gguf")):
         _locate(source, log.debug)
