@@ -146,12 +146,16 @@ def _engine_model(args: argparse.Namespace, loaded: LoadedModel) -> LoadedModel:
     """The model the engine rows run: the float reference with the CPU kernels, or (--quantize int8, or auto for a
     GGUF on CPU) a second copy with int8 weights, whose greedy tokens then agree with the reference's rather than
     equal them."""
-    int8 = resolve_quantize(args.quantize, loaded.device, loaded.dtype, is_gguf=loaded.path.endswith(".gguf"))
-    if int8:
-        int8_loaded = load_model(args.model, device=args.device, dtype=args.dtype, quantize="int8")
-        use_cpu_kernels(int8_loaded.model)
-        return int8_loaded
-    return loaded if args.stock_kernels else _with_cpu_kernels(loaded)
+    return _int8_copy(args, loaded) or (loaded if args.stock_kernels else _with_cpu_kernels(loaded))
+
+
+def _int8_copy(args: argparse.Namespace, loaded: LoadedModel) -> LoadedModel | None:
+    """The model with int8 weights, CPU kernels applied, when --quantize asks for them (auto: a GGUF on CPU)."""
+    if not resolve_quantize(args.quantize, loaded.device, loaded.dtype, is_gguf=loaded.path.endswith(".gguf")):
+        return None
+    int8_loaded = load_model(args.model, device=args.device, dtype=args.dtype, quantize="int8")
+    use_cpu_kernels(int8_loaded.model)
+    return int8_loaded
 
 
 def _run_verify_cost(args: argparse.Namespace, loaded: LoadedModel, meta: dict) -> int:
@@ -163,9 +167,8 @@ def _run_verify_cost(args: argparse.Namespace, loaded: LoadedModel, meta: dict) 
     targets = {"stock": TargetModel(loaded.model)}
     if not args.stock_kernels:
         targets["engine"] = TargetModel(_with_cpu_kernels(loaded).model)
-        engine_model = _engine_model(args, loaded)
-        if engine_model.quantization == "int8":
-            targets["engine-int8"] = TargetModel(engine_model.model)
+        if (int8_loaded := _int8_copy(args, loaded)) is not None:
+            targets["engine-int8"] = TargetModel(int8_loaded.model)
     costs = measure_verify_cost(targets, token_ids, args.repeats or DEFAULT_VERIFY_COST_TRIALS)
     print(verify_cost_table(costs))
     if args.json:

@@ -38,8 +38,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from engine.int8_weights import Int8Linear, split_residue, two_level_product
-from engine.memory import release_freed_memory
+from engine.int8_weights import Int8Linear, split_levels, split_residue, two_level_product
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +110,9 @@ class Int8ArgmaxScreen:
     int8 rows (no copy) and its weight error is rounding alone.
     Measured on Gemma 3 270M hidden states (1,874 positions of the benchmark texts): median 8 candidates, max 366;
     about 1% of positions then need their full row of logits (a near-tie within rounding, see TargetModel).
-    The integer trick relies on fbgemm's choice of quantization parameters; Int8Linear checks it on random inputs
-    and raises RuntimeError if the products are not exact, so a changed torch falls back to float32.
+    The integer trick relies on fbgemm's choice of quantization parameters; the first Int8Linear of a process checks
+    it on random inputs and raises RuntimeError if the products are not exact, so a changed torch falls back to
+    float32.
     """
 
     # fbgemm's time grows with rows (two per hidden row): at 16 hidden rows the screen costs more than the prepacked
@@ -133,6 +133,7 @@ class Int8ArgmaxScreen:
         self._weight_error = weight_error
         self._max_weight_error = float(self._weight_error.max())
         self._max_dequantized_norm = float(self._dequantized_norm.max())
+        int8_rows.packed  # read at every greedy step: packed at load, not at the first request
 
     @classmethod
     def for_float_weight(cls, weight: torch.Tensor, chunk_rows: int = 16384) -> Int8ArgmaxScreen:
@@ -152,8 +153,9 @@ class Int8ArgmaxScreen:
         float32 logits, and [n] ceilings: every id left out has a float32 logit below its row's ceiling. A row that
         is not finite gets no ids."""
         h = hidden.float()
-        approx = two_level_product(h, self._int8_rows.packed, self._int8_rows.pad)
-        rest = split_residue(h, self._int8_rows.pad)
+        levels = split_levels(h, self._int8_rows.pad)
+        approx = two_level_product(levels, self._int8_rows.packed)
+        rest = split_residue(h, levels)
         h_norm = h.norm(dim=1)
         # rest was computed in float32: add a few roundings of |h| to its norm. The constant term covers the float
         # roundings of approx itself (a handful of u relative to |h| |s_v q_v|), with a wide margin.
@@ -190,8 +192,6 @@ def use_cpu_kernels(model: torch.nn.Module) -> int:
     screenable = getattr(head, "bias", None) is None
     if isinstance(head, Int8Linear):  # int8 weights (engine/int8_weights.py): screen the layer's own rows
         head.argmax_screen = Int8ArgmaxScreen(head) if screenable else None
-        head.packed  # read at every step: packed at load, not at the first request
-        release_freed_memory()
         log.info("CPU kernels: int8 weights%s", ", int8 argmax screen for greedy decoding" if screenable else "")
         return 0
     parameter = next(model.parameters())

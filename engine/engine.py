@@ -22,6 +22,7 @@ from engine.drafters import check_drafter_choice, create_drafter
 from engine.drafters.base import Drafter
 from engine.errors import EngineBusyError, EngineClosedError, EngineError, InvalidRequestError
 from engine.loading import LoadedModel, check_source, load_model, resolve_device, resolve_dtype, resolve_quantize
+from engine.memory import release_freed_memory
 from engine.request import GenerationRequest, GenerationResult
 from engine.stats import EngineTotals, GenerationStats
 from engine.target import TargetModel
@@ -102,8 +103,11 @@ class Engine:
         # is built, so drafters that share the target's output layer get it too.
         use_cpu_kernels(loaded.model)
         drafter = create_drafter(options.drafter, loaded, options.draft_model, options.num_draft_tokens)
+        engine = cls(loaded, drafter, options.max_queued_requests)
+        # Loading and packing freed large temporaries; give them back before the engine serves (engine/memory.py).
+        release_freed_memory()
         log.info("engine ready: %s on %s (%s), drafter %s", loaded.name, loaded.device, loaded.dtype, drafter.name)
-        return cls(loaded, drafter, options.max_queued_requests)
+        return engine
 
     @property
     def info(self) -> dict:

@@ -74,8 +74,7 @@ def describe_gguf(gguf_path: Path, out: Path, end_of_turn_tokens: tuple[str, ...
     vocab_size = config.get_text_config().vocab_size
     # Only ids the model can emit: transformers may append tokens of its own (<|endoftext|>, <mask>) to a GGUF's vocab.
     vocab = {t: i for t, i in tokenizer.get_vocab().items() if i < vocab_size}
-    # GGUF metadata names one eos id; the end-of-turn markers that Hugging Face configs list as extra eos ids are
-    # not in it. llama.cpp recognises these by their text, and so do we (Gemma 3's generation config: [1, 106]).
+    # The end-of-turn markers are eos ids too (why: engine.loading._END_OF_TURN_TOKENS).
     eos = [tokenizer.eos_token_id] + [vocab[t] for t in end_of_turn_tokens if t in vocab]
     config.eos_token_id = list(dict.fromkeys(i for i in eos if i is not None))
     config.gguf_architecture = bytes(reader.fields["general.architecture"].parts[-1]).decode()
@@ -106,12 +105,15 @@ def load_gguf_weights(described: Path, gguf_path: Path, int8: bool) -> torch.nn.
     model.eval().requires_grad_(False)
     processor = TENSOR_PROCESSORS.get(config.gguf_architecture, TensorProcessor)(config=config.to_dict())
     table = [GgufTensor(**t) for t in json.loads((described / TENSOR_TABLE).read_text(encoding="utf-8"))]
-    name_map = _gguf_to_hf_names(model, config, processor)
-    mapped = np.memmap(gguf_path, mode="r").view(np.ndarray)
-    int8_targets = _int8_targets(model) if int8 else {}
     embedding = model.get_input_embeddings()
     head = model.get_output_embeddings()
-    expected = {name for name, _ in model.named_parameters()}  # tied weights once, under the first name
+    # A tied output layer has no tensor of its own in the file (llama.cpp reads token_embd for it).
+    ties = head is not None and bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
+    tied_head_weight = {f"{_module_name(model, head)}.weight"} if ties else set()
+    expected = {name for name, _ in model.named_parameters()} - tied_head_weight  # tied weights once
+    name_map = _gguf_to_hf_names(model, config, processor, expected)
+    mapped = np.memmap(gguf_path, mode="r").view(np.ndarray)
+    int8_targets = _int8_targets(model) if int8 else {}
     loaded: set[str] = set()
     int8_rows: dict[str, Int8Linear] = {}  # module name -> its int8 replacement, biases added below
     parsed: dict = {"tensors": {}}  # where processors of merged tensors (MoE experts) put theirs
@@ -132,11 +134,8 @@ def load_gguf_weights(described: Path, gguf_path: Path, int8: bool) -> torch.nn.
         _set_tensor(model, hf_name, torch.as_tensor(np.asarray(weights)))
         loaded.add(hf_name)
 
-    head_weight = f"{_module_name(model, head)}.weight" if head is not None else None
-    # A tied output layer has no tensor of its own in the file (llama.cpp reads token_embd for it).
-    tied = head_weight is not None and head_weight not in loaded and bool(
-        getattr(config.get_text_config(), "tie_word_embeddings", False))
-    missing = sorted(expected - loaded - ({head_weight} if tied else set()))
+    tied = ties and not tied_head_weight <= loaded  # a file may still store the head under its own name
+    missing = sorted(expected - loaded)
     if missing:
         raise ValueError(f"the file has no tensor for {len(missing)} of the model's weights (e.g. {missing[0]})")
     embedding_name = _module_name(model, embedding)
@@ -145,7 +144,7 @@ def load_gguf_weights(described: Path, gguf_path: Path, int8: bool) -> torch.nn.
         if getattr(original, "bias", None) is not None:
             linear.bias = original.bias
         if module_name != embedding_name:
-            _replace_module(model, module_name, linear)
+            model.set_submodule(module_name, linear)
     if embedding_name in int8_rows:
         rows = int8_rows[embedding_name]
         if tied:
@@ -157,11 +156,11 @@ def load_gguf_weights(described: Path, gguf_path: Path, int8: bool) -> torch.nn.
     return model
 
 
-def _gguf_to_hf_names(model, config, processor) -> dict[str, str]:
+def _gguf_to_hf_names(model, config, processor, needed: set[str]) -> dict[str, str]:
     """GGUF tensor name -> the model's parameter name. gguf-py's name map of the architecture, applied to the
     model's top-level names: 13 ms. transformers' get_gguf_hf_weights_map also maps every submodule's own names
     (for checkpoints saved from a base model), building the name map once per module (313 times for Gemma 3,
-    4.4 s); it is the fallback when the top level leaves a parameter of the model without a GGUF name."""
+    4.4 s); it is the fallback when the top level leaves a `needed` parameter without a GGUF name."""
     architecture = next((key for key, value in MODEL_ARCH_NAMES.items() if value == config.gguf_architecture), None)
     if architecture is not None:
         names = get_tensor_name_map(architecture, config.get_text_config().num_hidden_layers)
@@ -171,10 +170,7 @@ def _gguf_to_hf_names(model, config, processor) -> dict[str, str]:
             gguf_name = names.get_name(stem) if suffix in ("weight", "bias") else None
             if gguf_name is not None:
                 mapping[f"{gguf_name}.{suffix}"] = hf_name
-        tied_head = {f"{name}.weight" for name, module in model.named_modules()
-                     if module is model.get_output_embeddings()
-                     and getattr(config.get_text_config(), "tie_word_embeddings", False)}
-        if {name for name, _ in model.named_parameters()} - tied_head <= set(mapping.values()):
+        if needed <= set(mapping.values()):
             return mapping
     return get_gguf_hf_weights_map(model, processor)
 
@@ -199,12 +195,11 @@ def _dequantized_chunks(raw, tensor, processor, name_map, parsed) -> tuple[str, 
     """(hf name, float32 numpy chunks of rows, made one at a time as they are consumed) for one GGUF tensor, or None
     for a tensor the model does not use. A large tensor (the embedding) is thus never whole in float32."""
     kind = GGMLQuantizationType(tensor.type)
-    step = _CHUNK_ROWS if raw.ndim == 2 and len(raw) > _CHUNK_ROWS else max(len(raw), 1)
+    step = _CHUNK_ROWS if raw.ndim == 2 and len(raw) > _CHUNK_ROWS else len(raw)
 
     def dequantized(start: int):
-        part = raw[start : start + step] if raw.ndim else raw
         try:
-            weights = dequantize(part, kind).astype(np.float32, copy=False)
+            weights = dequantize(raw[start : start + step], kind).astype(np.float32, copy=False)
         except NotImplementedError as error:
             raise ValueError(f"tensor {tensor.name} is stored as {kind.name}, which gguf-py cannot dequantize "
                              "(a newer gguf package may)") from error
@@ -217,7 +212,7 @@ def _dequantized_chunks(raw, tensor, processor, name_map, parsed) -> tuple[str, 
 
     def chunks() -> Iterator[np.ndarray]:
         yield np.ascontiguousarray(first.weights)
-        for start in range(step, max(len(raw), 1), step):
+        for start in range(step, len(raw), step):
             yield np.ascontiguousarray(dequantized(start).weights)
 
     return name_map[first.name], chunks()
@@ -230,11 +225,6 @@ def _set_tensor(model: torch.nn.Module, hf_name: str, value: torch.Tensor) -> No
     if tuple(current.shape) != tuple(value.shape):
         value = value.reshape(current.shape)  # gguf-py gives 1-d norms and biases as they are; a few are [1, n]
     setattr(module, attribute, torch.nn.Parameter(value.to(current.dtype), requires_grad=False))
-
-
-def _replace_module(model: torch.nn.Module, module_name: str, new: torch.nn.Module) -> None:
-    parent_name, _, child = module_name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 def _module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:

@@ -32,7 +32,6 @@ layer, in plain decoding and in verification alike.
 from __future__ import annotations
 
 import functools
-import threading
 import warnings
 from collections.abc import Iterable
 
@@ -59,7 +58,6 @@ def quantize_rows(chunks: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.T
 
 def prepack(quantized: torch.Tensor, scale: torch.Tensor):
     """fbgemm's packed form of s q (per-channel int8), for torch.ops.quantized.linear_dynamic."""
-    _check_fbgemm_once()
     with warnings.catch_warnings():  # quantized tensors are deprecated in torch's Python API, fbgemm is not
         warnings.simplefilter("ignore")
         qweight = torch._make_per_channel_quantized_tensor(
@@ -78,71 +76,45 @@ def pad_row(in_features: int) -> torch.Tensor:
 _SECOND_LEVEL_STEPS = 2 * LEVEL_MAX
 
 
-class _LevelsOfLastInput(threading.local):
-    """The integer levels of the last input split on this thread: q, k and v projections (and gate and up) receive
-    the same tensor, which is then split once. Holding the input keeps its identity from being reused."""
-
-    input: torch.Tensor | None = None
-    levels: tuple[torch.Tensor, torch.Tensor] | None = None
-
-
-_last_split = _LevelsOfLastInput()
-
-
-def _levels(hidden: torch.Tensor, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden [n, K] float32 -> (cat(z_1, z_2, pad) [2n+1, K], a_1 [n, 1]) with hidden ~ a_1 (z_1 + z_2 / 126)."""
-    if _last_split.input is hidden and _last_split.levels is not None and _last_split.levels[0].shape[1] == pad.shape[1]:
-        return _last_split.levels
+def split_levels(hidden: torch.Tensor, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden [n, K] float32 -> (cat(z_1, z_2, pad) [2n+1, K], a [n, 1]) with hidden ~ a (z_1 + z_2 / 126)."""
     scale = torch.linalg.vector_norm(hidden, ord=float("inf"), dim=1, keepdim=True)
     scale = scale.clamp_min_(torch.finfo(torch.float32).tiny).mul_(1 / LEVEL_MAX)
     scaled = hidden / scale
     first = torch.round(scaled)
     second = scaled.sub_(first).mul_(_SECOND_LEVEL_STEPS).round_()
-    levels = (torch.cat([first, second, pad]), scale)
-    _last_split.input, _last_split.levels = hidden, levels
-    return levels
+    return torch.cat([first, second, pad]), scale
 
 
-def two_level_product(hidden: torch.Tensor, packed, pad: torch.Tensor) -> torch.Tensor:
-    """hidden: [n, K] float32 -> [n, N] = a_1 (s_v (z_1 . q_v) + s_v (z_2 . q_v) / 126), the integer products exact.
+def two_level_product(levels: tuple[torch.Tensor, torch.Tensor], packed) -> torch.Tensor:
+    """split_levels' output -> [n, N] = a (s_v (z_1 . q_v) + s_v (z_2 . q_v) / 126), the integer products exact.
     Each row's result depends on that row alone."""
-    rows = hidden.shape[0]
-    stacked, scale = _levels(hidden, pad)
+    stacked, scale = levels
+    rows = scale.shape[0]
     products = torch.ops.quantized.linear_dynamic(stacked, packed, True)
     return torch.add(products[:rows], products[rows : 2 * rows], alpha=1 / _SECOND_LEVEL_STEPS).mul_(scale)
 
 
-def split_residue(hidden: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-    """hidden - a_1 (z_1 + z_2 / 126): what the two levels leave out (at most max|h| / 15876 per value)."""
-    stacked, scale = _levels(hidden, pad)
-    rows = hidden.shape[0]
+def split_residue(hidden: torch.Tensor, levels: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """hidden - a (z_1 + z_2 / 126): what the two levels leave out (at most max|h| / 15876 per value)."""
+    stacked, scale = levels
+    rows = scale.shape[0]
     return hidden - scale * (stacked[:rows] + stacked[rows : 2 * rows] / _SECOND_LEVEL_STEPS)
 
 
 @functools.cache
 def _check_fbgemm_once() -> None:
     """The row independence above is a property of this torch build's fbgemm (how it quantizes its input), not of
-    any weight: checked once per process, on a random layer."""
+    any weight: checked once per process, on a random layer, before the first int8 layer is made.
+    Raises RuntimeError unless fbgemm returns s_v (z . q_v) for integer rows z, to float rounding."""
     generator = torch.Generator().manual_seed(0)
     quantized = torch.randint(-_INT8_MAX, _INT8_MAX + 1, (512, 96), generator=generator, dtype=torch.int8)
     scale = torch.rand(512, generator=generator) + 0.01
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qweight = torch._make_per_channel_quantized_tensor(
-            quantized, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0)
-        packed = torch.ops.quantized.linear_prepack(qweight, None)
-    _check_exact_integer_products(packed, quantized, scale, pad_row(96))
-
-
-def _check_exact_integer_products(packed, quantized: torch.Tensor, scale: torch.Tensor, pad: torch.Tensor) -> None:
-    """Raises RuntimeError unless fbgemm returns s_v (z . q_v) for integer rows z, to float rounding (a torch build
-    that quantizes its input differently would break the row independence above)."""
-    generator = torch.Generator().manual_seed(0)
-    z = torch.randint(-LEVEL_MAX, LEVEL_MAX + 1, (3, quantized.shape[1]), generator=generator).float()
-    got = torch.ops.quantized.linear_dynamic(torch.cat([z, pad]), packed, True)[:3, :4096].double()
-    exact = (z.double() @ quantized[:4096].double().T) * scale[:4096].double()
-    norms = z.double().norm(dim=1, keepdim=True) * (quantized[:4096].double().norm(dim=1) * scale[:4096].double())
-    if not bool(((got - exact).abs() <= 8 * 2.0**-24 * norms).all()):
+    z = torch.randint(-LEVEL_MAX, LEVEL_MAX + 1, (3, 96), generator=generator).float()
+    got = torch.ops.quantized.linear_dynamic(torch.cat([z, pad_row(96)]), prepack(quantized, scale), True)[:3]
+    exact = (z.double() @ quantized.double().T) * scale.double()
+    norms = z.double().norm(dim=1, keepdim=True) * (quantized.double().norm(dim=1) * scale.double())
+    if not bool(((got.double() - exact).abs() <= 8 * 2.0**-24 * norms).all()):
         raise RuntimeError("fbgemm's int8 linear does not compute integer inputs exactly in this torch build")
 
 
@@ -151,6 +123,7 @@ class Int8Linear(torch.nn.Module):
 
     def __init__(self, quantized: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
+        _check_fbgemm_once()
         self.out_features, self.in_features = quantized.shape
         # Buffers, not parameters: nothing here is trained, and .to() must not turn int8 into float.
         self.register_buffer("quantized", quantized)
@@ -158,6 +131,8 @@ class Int8Linear(torch.nn.Module):
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().float(), requires_grad=False)
         self.pad = pad_row(self.in_features)
         self._packed = None
+        # For greedy decoding, which needs only the argmax of this layer's output (engine/cpu_kernels.py).
+        self.argmax_screen = None
 
     @property
     def packed(self):
@@ -166,8 +141,6 @@ class Int8Linear(torch.nn.Module):
         if self._packed is None:
             self._packed = prepack(self.quantized, self.scale)
         return self._packed
-        # For greedy decoding, which needs only the argmax of this layer's output (engine/cpu_kernels.py).
-        self.argmax_screen = None
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, chunk_rows: int = 16384) -> Int8Linear:
@@ -178,7 +151,7 @@ class Int8Linear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in_features] -> [..., out_features], float32 inside whatever x's dtype is.
         rows = x.reshape(-1, self.in_features).float()
-        y = two_level_product(rows, self.packed, self.pad)
+        y = two_level_product(split_levels(rows, self.pad), self.packed)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers.models.gemma3.modeling_gemma3 import apply_rotary_pos_emb
 
 from engine.int8_weights import Int8Linear
-from engine.memory import release_freed_memory
 
 _INITIAL_CAPACITY = 1024  # tokens of cache allocated at first; doubled whenever a feed would overflow it
 
@@ -96,7 +96,7 @@ class LeanGemma3:
         for layer in self._layers:
             for linear in (layer.qkv, layer.o_proj, layer.gate_up, layer.down):
                 linear.packed
-        release_freed_memory()
+        self._layer_types = {layer.layer_type for layer in self._layers}
         self._window = config.sliding_window
         self._heads = config.num_attention_heads
         self._kv_heads = config.num_key_value_heads
@@ -127,8 +127,7 @@ class LeanGemma3:
         ids = torch.tensor(token_ids, dtype=torch.long)
         hidden = self._embed(ids)  # [n, H], Gemma's sqrt(H) scale included
         positions = torch.arange(start, end)[None]
-        rotary = {layer_type: self._rotary(hidden, positions, layer_type)
-                  for layer_type in {layer.layer_type for layer in self._layers}}
+        rotary = {layer_type: self._rotary(hidden, positions, layer_type) for layer_type in self._layer_types}
         masks = {sliding: self._mask(start, n, sliding) for sliding in (False, True)}
         for index, layer in enumerate(self._layers):
             hidden = self._layer(index, layer, hidden, rotary[layer.layer_type], masks[layer.sliding], start, end)
@@ -141,9 +140,8 @@ class LeanGemma3:
         q, k, v = layer.qkv(x).split(layer.split, dim=-1)
         q = _rms_norm(q.view(n, self._heads, self._head_dim), layer.norms[4], layer.head_eps)
         k = _rms_norm(k.view(n, self._kv_heads, self._head_dim), layer.norms[5], layer.head_eps)
-        cos, sin = (t[0, :, None, :] for t in rotary)  # [n, 1, head_dim]
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        cos, sin = rotary  # [1, n, head_dim]; q, k: [n, heads, head_dim]
+        q, k = apply_rotary_pos_emb(q, k, cos[0], sin[0], unsqueeze_dim=1)
         keys, values = self._keys[index], self._values[index]  # [kv_heads, capacity, head_dim]
         keys[:, start:end] = k.transpose(0, 1)
         values[:, start:end] = v.view(n, self._kv_heads, self._head_dim).transpose(0, 1)
@@ -192,7 +190,3 @@ def _rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     # As Gemma3RMSNorm in float32: x * rsqrt(mean(x^2) + eps) * (1 + weight).
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * scale
 
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -82,6 +82,8 @@ class TargetModel:
         # (linear layer, state index); empty when the last forward needs no snapshot (one token, or no linear layer).
         self._last_fed: list[int] = []
         self._recurrent_before: list[tuple[LinearAttentionCacheLayerMixin, int, torch.Tensor]] = []
+        # The linear-attention layers of `cache` (none for other models), listed once per cache.
+        self._recurrent_layers: list[LinearAttentionCacheLayerMixin] = []
 
     @property
     def cache_length(self) -> int:
@@ -94,9 +96,7 @@ class TargetModel:
         """Whether a forward of several tokens could be rolled back now. Not on a hybrid model before its first
         feed (a one-token prompt: nothing to prefill), whose recurrent states only come into being with that feed
         and so cannot be snapshotted before it; the decode loop drafts nothing for that one step."""
-        if self.cache is None:
-            return True
-        return all(all(layer.is_recurrent_states_initialized.values()) for layer in self._linear_layers())
+        return all(all(layer.is_recurrent_states_initialized.values()) for layer in self._recurrent_layers)
 
     @torch.inference_mode()
     def prefill(self, token_ids: list[int], cancel: threading.Event | None = None) -> torch.Tensor | None:
@@ -109,6 +109,8 @@ class TargetModel:
             # Sliding-window layers and convolution states must keep what they would evict until we know the drafts
             # were accepted.
             self.cache.activate_past_recording()
+            self._recurrent_layers = [layer for layer in self.cache.layers
+                                      if isinstance(layer, LinearAttentionCacheLayerMixin)]
         if not token_ids:  # a one-token prompt: its only token is the first input of the first step
             hidden_size = self.model.config.get_text_config().hidden_size
             return torch.empty(0, hidden_size, dtype=self.model.dtype, device=self.device)
@@ -128,7 +130,7 @@ class TargetModel:
         self.cache = None
         if self._lean is not None:
             self._lean.reset()
-        self._last_fed, self._recurrent_before = [], []
+        self._last_fed, self._recurrent_before, self._recurrent_layers = [], [], []
 
     @torch.inference_mode()
     def forward(self, token_ids: list[int], logits_for_last: int | None = None) -> TargetOutput:
@@ -255,18 +257,13 @@ class TargetModel:
         input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
         return self._decoder(input_ids=input_ids, cache=self.cache, use_cache=True).last_hidden_state[0]
 
-    def _linear_layers(self) -> list[LinearAttentionCacheLayerMixin]:
-        return [layer for layer in self.cache.layers if isinstance(layer, LinearAttentionCacheLayerMixin)]
-
     def _snapshot_recurrent_states(self, token_ids: list[int]) -> None:
         """Keeps a copy of every recurrent state before a forward that may be partly rolled back. A single token
         (plain decoding, or a step without drafts) is never rolled back, and the prefill has no state yet."""
         self._last_fed = list(token_ids)
-        if self.cache is None:
-            return
         self._recurrent_before = [
             (layer, index, layer.recurrent_states[index].clone())
-            for layer in (self._linear_layers() if len(token_ids) > 1 else [])
+            for layer in (self._recurrent_layers if len(token_ids) > 1 else [])
             for index, initialized in layer.is_recurrent_states_initialized.items()
             if initialized
         ]

@@ -36,8 +36,6 @@ def describe_invalid_arguments(error: ValidationError, schema: dict) -> str:
         return f"{name} is {_shown(first.get('input'))}; {allowed}"
     if first["type"] == "missing":
         return f"{name} is missing; it is required and must be {allowed}"
-    if first["type"] == "extra_forbidden" or location[0] not in properties:
-        return f"{name} is not an argument of this tool; it takes: {', '.join(properties)}"
     return f"{name} is {_shown(first.get('input'))}; it must be {allowed}"
 
 
