@@ -1,6 +1,6 @@
 """GPU readiness: what speculative decoding buys on an accelerator, without a network or a downloaded model.
 
-    python -m benchmarks.gpu            (benchmarks/gpu.sh runs this; --tiny runs a toy shape on CPU for tests)
+    python -m mtp_mcp.benchmarks.gpu            (benchmarks/gpu.sh runs this; --tiny runs a toy shape on CPU for tests)
 
 A random-weight model of a realistic shape (Qwen3-0.6B: 28 layers, hidden 1024, GQA 16/8, vocab 151936) decodes
 two ways, on the same prompt:
@@ -40,14 +40,14 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM, StaticCache
 
-from benchmarks.methods import synchronize
-from engine.decode import generate
-from engine.drafters.autoregressive import NoDrafter
-from engine.drafters.base import Draft, DraftContext
-from engine.request import GenerationRequest
-from engine.target import TargetModel
+from mtp_mcp.benchmarks.methods import synchronize
+from mtp_mcp.benchmarks.workloads import VERIFY_COST_POSITIONS
+from mtp_mcp.engine.decode import generate
+from mtp_mcp.engine.drafters.autoregressive import NoDrafter
+from mtp_mcp.engine.drafters.base import Draft, DraftContext
+from mtp_mcp.engine.request import GenerationRequest
+from mtp_mcp.engine.target import TargetModel
 
-VERIFY_COST_POSITIONS = (1, 2, 3, 4, 5, 8, 16)
 ACCEPTANCE_RATES = (0.5, 0.6, 0.7, 0.8, 0.9)
 DRAFT_LENGTHS = (2, 4, 8)
 PROMPT_TOKENS = 128

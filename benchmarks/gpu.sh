@@ -17,4 +17,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-exec "${PYTHON:-python3}" -m benchmarks.gpu "$@"
+exec "${PYTHON:-python3}" -m mtp_mcp.benchmarks.gpu "$@"

@@ -16,11 +16,12 @@ import torch
 def main() -> None:
     sys.path.insert(0, "tests")  # run from the repository root
     torch.set_num_threads(1)
-    from mtp_checkpoints import build_qwen3_5
-    from engine.loading import load_model
-    from engine.target import TargetModel
     import transformers.models.qwen3_5.modeling_qwen3_5 as q35
+    from mtp_checkpoints import build_qwen3_5
     from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+    from mtp_mcp.engine.loading import load_model
+    from mtp_mcp.engine.target import TargetModel
 
     lm = load_model(str(build_qwen3_5(pathlib.Path(tempfile.mkdtemp()) / "q")), "cpu", "float32", progress=False)
     model = lm.model

@@ -1,4 +1,4 @@
-"""Run from the repository root: python -m benchmarks.int8_quality [--threads 1] [--model FILE.gguf]
+"""Run from the repository root: python -m mtp_mcp.benchmarks.int8_quality [--threads 1] [--model FILE.gguf]
 
 How close the int8 model (what the engine loads from a GGUF by default, engine/int8_weights.py) stays to the float
 model dequantized from the same file, and what each costs, on the shipped workloads (the bench's prompts):
@@ -17,12 +17,12 @@ import time
 import psutil
 import torch
 
-from benchmarks.workloads import WORKLOAD_NAMES, load_prompts
-from engine.drafters.autoregressive import NoDrafter
-from engine.engine import Engine
-from engine.cpu_kernels import use_cpu_kernels
-from engine.loading import load_model
-from engine.request import GenerationRequest
+from mtp_mcp.benchmarks.workloads import WORKLOAD_NAMES, load_prompts
+from mtp_mcp.engine.cpu_kernels import use_cpu_kernels
+from mtp_mcp.engine.drafters.autoregressive import NoDrafter
+from mtp_mcp.engine.engine import Engine
+from mtp_mcp.engine.loading import load_model
+from mtp_mcp.engine.request import GenerationRequest
 
 
 def main(argv: list[str] | None = None) -> None:

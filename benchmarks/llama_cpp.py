@@ -16,11 +16,14 @@ import shutil
 import subprocess
 from importlib.resources import files
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import platformdirs
 
-from benchmarks.methods import MethodRun
-from benchmarks.workloads import Prompt
+from mtp_mcp.benchmarks.workloads import Prompt
+
+if TYPE_CHECKING:
+    from mtp_mcp.benchmarks.methods import MethodRun
 
 DEFAULT_PREFIX = Path(platformdirs.user_cache_dir("mtp-mcp")) / "llama-cpp"
 PINNED_VERSION = "3.22.1"
@@ -43,7 +46,7 @@ class LlamaCppMethod:
     name = "llama.cpp"
 
     def __init__(self, gguf: Path, prefix: Path, threads: int, context_tokens: int = 8192):
-        runner = Path(str(files("benchmarks").joinpath("llama_cpp_runner.mjs")))
+        runner = Path(str(files("mtp_mcp.benchmarks").joinpath("llama_cpp_runner.mjs")))
         self.version = json.loads((prefix / "node_modules" / "node-llama-cpp" / "package.json").read_text())["version"]
         self._process = subprocess.Popen(
             ["node", str(runner), str(prefix), str(gguf), str(threads), str(context_tokens)],
@@ -59,6 +62,9 @@ class LlamaCppMethod:
         self._process.stdin.write(json.dumps(request) + "\n")
         self._process.stdin.flush()
         answer = json.loads(self._process.stdout.readline())
+        # Imported here: the bench command line reads this module's defaults, and benchmarks.methods imports torch.
+        from mtp_mcp.benchmarks.methods import MethodRun
+
         # One forward pass per token: the prefill yields the first.
         return MethodRun(answer["token_ids"], answer["seconds"], len(answer["token_ids"]))
 

@@ -15,11 +15,11 @@ from typing import Protocol
 
 import torch
 
-from benchmarks.workloads import Prompt
-from engine.drafters.base import Drafter
-from engine.engine import Engine
-from engine.loading import LoadedModel
-from engine.request import GenerationRequest
+from mtp_mcp.benchmarks.workloads import Prompt
+from mtp_mcp.engine.drafters.base import Drafter
+from mtp_mcp.engine.engine import Engine
+from mtp_mcp.engine.loading import LoadedModel
+from mtp_mcp.engine.request import GenerationRequest
 
 # What the transformers documentation and the issue use for prompt lookup.
 TRANSFORMERS_LOOKUP_TOKENS = 10

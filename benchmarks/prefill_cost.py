@@ -1,4 +1,4 @@
-"""Run from the repository root: python -m benchmarks.prefill_cost [--threads 1] [--model PATH]
+"""Run from the repository root: python -m mtp_mcp.benchmarks.prefill_cost [--threads 1] [--model PATH]
 
 What a prompt costs to feed (the prefill, most of the time to first token) at several prompt lengths, in one piece
 against chunks of several sizes (engine.target.PREFILL_CHUNK_TOKENS is the engine's). The prompts are the code
@@ -13,10 +13,10 @@ import time
 
 import torch
 
-from benchmarks.workloads import workloads_dir
-from engine.cpu_kernels import use_cpu_kernels
-from engine.loading import load_model
-from engine.target import PREFILL_CHUNK_TOKENS, TargetModel
+from mtp_mcp.benchmarks.workloads import workloads_dir
+from mtp_mcp.engine.cpu_kernels import use_cpu_kernels
+from mtp_mcp.engine.loading import load_model
+from mtp_mcp.engine.target import PREFILL_CHUNK_TOKENS, TargetModel
 
 LENGTHS = (500, 1357, 4000)
 CHUNKS = tuple(sorted({128, 256, 512, 1024, PREFILL_CHUNK_TOKENS}))

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 import transformers
 
-from benchmarks.runner import MethodSummary
-from benchmarks.verify_cost import VerifyCost
+from mtp_mcp.benchmarks.runner import MethodSummary
+from mtp_mcp.benchmarks.verify_cost import VerifyCost
 
 _NUMBER_LIST = re.compile(r"\[\s*([-+0-9.eE,\s]+?)\s*\]")
 

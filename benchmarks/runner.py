@@ -11,9 +11,9 @@ import logging
 import statistics
 from dataclasses import asdict, dataclass
 
-from benchmarks.memory import PeakMemory
-from benchmarks.methods import Method
-from benchmarks.workloads import Prompt
+from mtp_mcp.benchmarks.memory import PeakMemory
+from mtp_mcp.benchmarks.methods import Method
+from mtp_mcp.benchmarks.workloads import Prompt
 
 log = logging.getLogger(__name__)
 

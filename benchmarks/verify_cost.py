@@ -2,9 +2,9 @@
 decoding).
 
 Speculation pays only while this ratio stays near 1 for small n (decoding is memory-bound: all weights are read
-once whatever n is). Each step appends n tokens to a cache that already holds CACHE_TOKENS tokens, finds the target's
-greedy token at every position (`TargetModel.greedy_tokens`, as the engine's greedy loop does) and is then rolled
-back. The full logits of the same n positions, which sampling needs instead, are timed beside it. Variants (stock
+once whatever n is). Each step appends n tokens to a cache that already holds VERIFY_COST_CACHE_TOKENS tokens,
+finds the target's greedy token at every position (`TargetModel.greedy_tokens`, as the engine's greedy loop does)
+and is then rolled back. The full logits of the same n positions, which sampling needs instead, are timed beside it. Variants (stock
 transformers modules vs the engine's CPU kernels) are interleaved in one run.
 """
 
@@ -17,14 +17,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from benchmarks.methods import synchronize
-from engine.target import TargetModel
+from mtp_mcp.benchmarks.methods import synchronize
+from mtp_mcp.benchmarks.workloads import VERIFY_COST_CACHE_TOKENS, VERIFY_COST_POSITIONS
+from mtp_mcp.engine.target import TargetModel
 
 log = logging.getLogger(__name__)
-
-POSITIONS = (1, 2, 3, 4, 5, 8, 16)
-CACHE_TOKENS = 200
-
 
 @dataclass(frozen=True, slots=True)
 class VerifyCost:
@@ -41,13 +38,13 @@ class VerifyCost:
 
 @torch.inference_mode()
 def measure_verify_cost(
-    targets: dict[str, TargetModel], token_ids: list[int], trials: int, positions: tuple[int, ...] = POSITIONS
+    targets: dict[str, TargetModel], token_ids: list[int], trials: int, positions: tuple[int, ...] = VERIFY_COST_POSITIONS
 ) -> list[VerifyCost]:
-    """targets: variant name -> target model. token_ids: at least CACHE_TOKENS + max(positions) real token ids."""
-    needed = CACHE_TOKENS + max(positions)
+    """targets: variant name -> target model. token_ids: at least VERIFY_COST_CACHE_TOKENS + max(positions) real token ids."""
+    needed = VERIFY_COST_CACHE_TOKENS + max(positions)
     if len(token_ids) < needed:
         raise ValueError(f"verify cost needs {needed} token ids, got {len(token_ids)}")
-    context, fed = token_ids[:CACHE_TOKENS], token_ids[CACHE_TOKENS:]
+    context, fed = token_ids[:VERIFY_COST_CACHE_TOKENS], token_ids[VERIFY_COST_CACHE_TOKENS:]
     for target in targets.values():
         target.prefill(context)
 

@@ -14,13 +14,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from transformers import PreTrainedTokenizerBase
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 WORKLOAD_NAMES = ("code", "summarise", "chat")
 # Code prompts end at the last `def` line that starts before this many characters (~800 tokens of Python):
 # long enough to hold patterns worth copying, short enough that the prefill does not dominate the run.
 CODE_PROMPT_CHARS = 3000
+
+# --verify-cost: steps over these numbers of positions, appended to a cache of real tokens this long.
+VERIFY_COST_POSITIONS = (1, 2, 3, 4, 5, 8, 16)
+VERIFY_COST_CACHE_TOKENS = 200
 
 _SUMMARISE_INSTRUCTION = "Summarise the following passage in a few sentences."
 
@@ -34,7 +40,7 @@ class Prompt:
 
 
 def workloads_dir() -> Path:
-    return Path(str(files("benchmarks").joinpath("workloads")))
+    return Path(str(files("mtp_mcp.benchmarks").joinpath("workloads")))
 
 
 def load_prompts(workloads: list[str], tokenizer: PreTrainedTokenizerBase, per_workload: int) -> list[Prompt]:

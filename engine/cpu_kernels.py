@@ -38,7 +38,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from engine.int8_weights import Int8Linear, split_levels, split_residue, two_level_product
+from mtp_mcp.engine.int8_weights import Int8Linear, split_levels, split_residue, two_level_product
 
 log = logging.getLogger(__name__)
 

@@ -14,13 +14,13 @@ from collections.abc import Callable
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from engine.drafters.base import DraftContext, Drafter
-from engine.request import FinishReason, GenerationRequest, GenerationResult
-from engine.sampling import probabilities
-from engine.stats import GenerationStats
-from engine.target import TargetModel
-from engine.text import IncrementalDetokenizer, StopStringMatcher
-from engine.verify import verify_greedy, verify_sampling
+from mtp_mcp.engine.drafters.base import DraftContext, Drafter
+from mtp_mcp.engine.request import FinishReason, GenerationRequest, GenerationResult
+from mtp_mcp.engine.sampling import probabilities
+from mtp_mcp.engine.stats import GenerationStats
+from mtp_mcp.engine.target import TargetModel
+from mtp_mcp.engine.text import IncrementalDetokenizer, StopStringMatcher
+from mtp_mcp.engine.verify import verify_greedy, verify_sampling
 
 TextCallback = Callable[[str, int], None]  # (new text, tokens generated so far)
 

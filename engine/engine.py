@@ -12,51 +12,22 @@ import logging
 import queue
 import threading
 from concurrent.futures import Future
-from dataclasses import dataclass
 
 import torch
 
-from engine.cpu_kernels import cpu_kernels_in_use, use_cpu_kernels
-from engine.decode import TextCallback, generate
-from engine.drafters import check_drafter_choice, create_drafter
-from engine.drafters.base import Drafter
-from engine.errors import EngineBusyError, EngineClosedError, EngineError, InvalidRequestError
-from engine.loading import LoadedModel, check_source, load_model, resolve_device, resolve_dtype, resolve_quantize
-from engine.memory import release_freed_memory
-from engine.request import GenerationRequest, GenerationResult
-from engine.stats import EngineTotals, GenerationStats
-from engine.target import TargetModel
+from mtp_mcp.engine.cpu_kernels import cpu_kernels_in_use, use_cpu_kernels
+from mtp_mcp.engine.decode import TextCallback, generate
+from mtp_mcp.engine.drafters import create_drafter
+from mtp_mcp.engine.drafters.base import Drafter
+from mtp_mcp.engine.errors import EngineBusyError, EngineClosedError, EngineError, InvalidRequestError
+from mtp_mcp.engine.loading import LoadedModel, load_model
+from mtp_mcp.engine.memory import release_freed_memory
+from mtp_mcp.engine.options import DEFAULT_MAX_QUEUED_REQUESTS, EngineOptions, check_options
+from mtp_mcp.engine.request import GenerationRequest, GenerationResult
+from mtp_mcp.engine.stats import EngineTotals, GenerationStats
+from mtp_mcp.engine.target import TargetModel
 
 log = logging.getLogger(__name__)
-
-DEFAULT_NUM_DRAFT_TOKENS = 4
-DEFAULT_MAX_QUEUED_REQUESTS = 16
-
-
-@dataclass(frozen=True, slots=True)
-class EngineOptions:
-    model: str | None = None  # None: the embedded default (Gemma 3 270M)
-    drafter: str = "auto"
-    draft_model: str | None = None
-    num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS
-    device: str = "auto"
-    dtype: str = "auto"
-    quantize: str = "auto"  # auto (int8 for a GGUF on CPU, else none), none, int8
-    max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS
-
-
-def check_options(options: EngineOptions) -> None:
-    """Everything about the options that can be checked without loading a model; raises the one-sentence error."""
-    device = resolve_device(options.device)
-    dtype = resolve_dtype(options.dtype, device)
-    resolve_quantize(options.quantize, device, dtype, is_gguf=False)
-    check_drafter_choice(options.drafter, options.draft_model, options.num_draft_tokens)
-    check_source(options.model)
-    if options.draft_model is not None:
-        check_source(options.draft_model)
-    if options.max_queued_requests < 1:
-        raise InvalidRequestError(f"max_queued_requests is {options.max_queued_requests}; it must be at least 1")
-
 
 class GenerationHandle:
     """A submitted request: cancel it, or wait for its result."""
@@ -97,6 +68,7 @@ class Engine:
 
     @classmethod
     def load(cls, options: EngineOptions) -> Engine:
+        check_options(options)
         loaded = load_model(options.model, device=options.device, dtype=options.dtype, quantize=options.quantize)
         # CPU speed-up (engine/cpu_kernels.py): a prepacked copy of the output layer makes verifying several drafted
         # positions cost about as much as one; a no-op unless the model is float32 on CPU. Done before the drafter

@@ -31,8 +31,8 @@ from transformers.modeling_gguf_pytorch_utils import (
     get_gguf_hf_weights_map,
 )
 
-from engine.int8_weights import Int8Embedding, Int8Linear, quantize_rows
-from engine.memory import release_freed_memory
+from mtp_mcp.engine.int8_weights import Int8Embedding, Int8Linear, quantize_rows
+from mtp_mcp.engine.memory import release_freed_memory
 
 log = logging.getLogger(__name__)
 

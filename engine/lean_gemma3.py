@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.gemma3.modeling_gemma3 import apply_rotary_pos_emb
 
-from engine.int8_weights import Int8Linear
+from mtp_mcp.engine.int8_weights import Int8Linear
 
 _INITIAL_CAPACITY = 1024  # tokens of cache allocated at first; doubled whenever a feed would overflow it
 

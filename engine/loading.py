@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -25,9 +24,10 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from engine.errors import InvalidRequestError, ModelLoadError
-from engine.gguf_loading import describe_gguf, load_gguf_weights
-from engine.int8_weights import quantize_to_int8
+from mtp_mcp.engine.errors import InvalidRequestError, ModelLoadError
+from mtp_mcp.engine.gguf_loading import describe_gguf, load_gguf_weights
+from mtp_mcp.engine.int8_weights import quantize_to_int8
+from mtp_mcp.engine.options import check_device, check_quantize, check_source
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,7 @@ _EMBEDDED_GGUF = "model.gguf"
 # GGUF metadata names one eos id; the end-of-turn markers that Hugging Face configs list as extra eos ids are not in
 # it. llama.cpp recognises these by their text, and so do we (Gemma 3's generation config has eos ids [1, 106]).
 _END_OF_TURN_TOKENS = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>", "<|endoftext|>")
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-QUANTIZE_CHOICES = ("auto", "none", "int8")
 
 
 @dataclass(frozen=True)
@@ -58,18 +56,15 @@ class LoadedModel:
 
 
 def resolve_device(device: str) -> torch.device:
+    check_device(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu":
-        return torch.device("cpu")
-    if re.fullmatch(r"cuda(:\d+)?", device):
-        if not torch.cuda.is_available():
-            raise InvalidRequestError(
-                f"device '{device}' was asked for but CUDA is not available to this torch ({torch.__version__}); "
-                "use 'cpu' or 'auto'"
-            )
-        return torch.device(device)
-    raise InvalidRequestError(f"device is '{device}'; it must be one of: auto, cpu, cuda, cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidRequestError(
+            f"device '{device}' was asked for but CUDA is not available to this torch ({torch.__version__}); "
+            "use 'cpu' or 'auto'"
+        )
+    return torch.device(device)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -85,13 +80,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def resolve_quantize(quantize: str, device: torch.device, dtype: torch.dtype, is_gguf: bool) -> bool:
     """Whether to load int8 weights. auto: what the checkpoint is, i.e. int8 for a GGUF on a float32 CPU model
     (its weights are already low-bit), none for everything else."""
-    if quantize not in QUANTIZE_CHOICES:
-        raise InvalidRequestError(f"quantize is '{quantize}'; it must be one of: {', '.join(QUANTIZE_CHOICES)}")
-    int8_possible = device.type == "cpu" and dtype == torch.float32
-    if quantize == "int8" and not int8_possible:
-        raise InvalidRequestError(
-            f"int8 weights run on CPU in float32 only (fbgemm), not on {device.type} in "
-            f"{str(dtype).removeprefix('torch.')}; use --quantize none, or --device cpu with --dtype float32")
+    dtype_name = str(dtype).removeprefix("torch.")
+    check_quantize(quantize, device.type, dtype_name)
+    int8_possible = device.type == "cpu" and dtype_name == "float32"
     return quantize == "int8" or (quantize == "auto" and is_gguf and int8_possible)
 
 
@@ -136,16 +127,10 @@ def load_model(source: str | None, device: str = "auto", dtype: str = "auto", qu
                        quantization)
 
 
-def check_source(source: str | None) -> None:
-    """Raises the ModelLoadError that load_model would, if `source` cannot be found; reads no weights
-    (so a server can refuse a bad --model before it starts, not minutes later)."""
-    if source and not (Path(source).expanduser().is_file() and source.endswith(".gguf")):
-        _locate(source, log.debug)
-
-
 def _locate(source: str | None, say: Callable[..., None]) -> tuple[str, Path, Path | None]:
     """(name, a local directory holding config.json and the tokenizer, the GGUF file or None) for `source`. For a
     GGUF the directory is its description in the cache (engine/gguf_loading.py); else it holds the weights too."""
+    check_source(source)
     if not source:
         return EMBEDDED_NAME, *_embedded_default(say)
     path = Path(source).expanduser()
@@ -155,16 +140,9 @@ def _locate(source: str | None, say: Callable[..., None]) -> tuple[str, Path, Pa
         key = f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
         return path.name, _described_gguf(key, lambda scratch: path, say), path
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"model directory '{source}' has no config.json; pass a directory written by "
-                                 "save_pretrained (or a hub snapshot), or a .gguf file")
         return path.name, path, None
-    if path.exists():
-        raise ModelLoadError(f"model path '{source}' is neither a directory nor a .gguf file")
-    if _HUB_ID.fullmatch(source) and not source.endswith(".gguf"):
-        return source, _hub_snapshot(source), None
-    raise ModelLoadError(f"model path '{source}' does not exist; pass a local model directory, a .gguf file, "
-                         "a hub id already in the local cache, or nothing for the embedded default")
+    # check_source refused every other kind of source: this is a hub id.
+    return source, _hub_snapshot(source), None
 
 
 def _hub_snapshot(repo_id: str) -> Path:

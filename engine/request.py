@@ -6,15 +6,28 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from engine.errors import InvalidRequestError
-from engine.sampling import SamplingParams
-from engine.stats import GenerationStats
+from mtp_mcp.engine.errors import InvalidRequestError
+from mtp_mcp.engine.stats import GenerationStats
 
 # The longest output one request may ask for, whatever the model's context; the engine also checks the context.
 MAX_NEW_TOKENS_LIMIT = 32768
 MAX_STOP_STRINGS = 16
 
 FinishReason = Literal["eos", "stop_string", "length", "cancelled"]
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How to pick tokens. temperature == 0 means greedy (argmax); top_k == 0 and top_p == 1.0 disable those filters."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,22 +6,9 @@ distribution p in the rejection rule are defined the same way (temperature, then
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass(frozen=True, slots=True)
-class SamplingParams:
-    """How to pick tokens. temperature == 0 means greedy (argmax); top_k == 0 and top_p == 1.0 disable those filters."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
+from mtp_mcp.engine.request import SamplingParams
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

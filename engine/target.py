@@ -32,16 +32,16 @@ import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
-from engine.cpu_kernels import dot_error_factor
-from engine.errors import ModelLoadError
-from engine.lean_gemma3 import LeanGemma3, lean_gemma3_supported
+from mtp_mcp.engine.cpu_kernels import dot_error_factor
+from mtp_mcp.engine.errors import ModelLoadError
+from mtp_mcp.engine.lean_gemma3 import LeanGemma3, lean_gemma3_supported
 
 # A row with more candidates than this is computed in full (rare: the bound is loose only for flat distributions).
 _MAX_RESCORED_CANDIDATES = 2048
 # Prompts are fed in chunks of this many tokens. Attention over the whole prompt at once costs prompt_length^2 per
 # layer even where a sliding window or the causal mask hides most of it; in chunks a sliding-window layer attends to
 # at most window + chunk keys and a full layer to the keys up to its chunk. Gemma 3 270M, CPU, 1 thread, ranges of
-# three runs of python -m benchmarks.prefill_cost (BENCHMARKS.md): 4,000 tokens take 17.65-18.70 s in one piece,
+# three runs of python -m mtp_mcp.benchmarks.prefill_cost (BENCHMARKS.md): 4,000 tokens take 17.65-18.70 s in one piece,
 # 10.48-11.05 s in chunks of 256 (512: 11.25-11.43, 1,024 and 128: over 11.5); 1,357 tokens ~8% less in chunks,
 # within noise; 500 tokens the same. Chunk sizes of 256 and 512 are about even below 1,500 tokens.
 PREFILL_CHUNK_TOKENS = 256

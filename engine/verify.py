@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.sampling import sample
+from mtp_mcp.engine.sampling import sample
 
 
 @dataclass(frozen=True, slots=True)

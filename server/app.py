@@ -8,10 +8,10 @@ their one-sentence message; nothing else about the server's insides reaches the 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from importlib.metadata import version
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from fastmcp import Context, FastMCP
 from fastmcp.exceptions import ToolError
@@ -20,12 +20,12 @@ from fastmcp.server.lifespan import lifespan
 from mcp.types import ToolAnnotations
 from pydantic import Field
 
-from engine.engine import Engine
-from engine.errors import EngineError, InvalidRequestError
-from server.argument_errors import OneSentenceArgumentErrors
-from server.prompts import CodeBoundary, Prompt, chat_prompt, continuation_prompt
-from server.resident import LoadedEngine, ResidentEngine
-from server.schemas import (
+from mtp_mcp.engine.errors import EngineError, InvalidRequestError
+from mtp_mcp.server.argument_errors import OneSentenceArgumentErrors
+from mtp_mcp.server.disconnect import cancelled_when_client_leaves
+from mtp_mcp.server.prompts import CodeBoundary, Prompt, chat_prompt, continuation_prompt
+from mtp_mcp.server.resident import LoadedEngine, ResidentEngine
+from mtp_mcp.server.schemas import (
     MAX_PROMPT_CHARS,
     MAX_SUMMARY_INPUT_CHARS,
     CodeCompletion,
@@ -36,9 +36,12 @@ from server.schemas import (
     StopStrings,
     Summary,
 )
-from server.streaming import ProgressReport, generate_streamed
-from server.summarise import count_words
-from server.summarise import summarise as summarise_text
+from mtp_mcp.server.streaming import ProgressReport, generate_streamed
+from mtp_mcp.server.summarise import count_words
+from mtp_mcp.server.summarise import summarise as summarise_text
+
+if TYPE_CHECKING:
+    from mtp_mcp.engine.engine import Engine
 
 INSTRUCTIONS = (
     "Local text generation with a small language model made faster by speculative decoding (multi-token "
@@ -49,13 +52,15 @@ INSTRUCTIONS = (
 READ_ONLY = ToolAnnotations(readOnlyHint=True, destructiveHint=False, idempotentHint=False, openWorldHint=False)
 
 
-@contextmanager
-def engine_errors_as_tool_errors() -> Iterator[None]:
-    """Engine errors carry one sentence meant for the user: pass it on as the tool error."""
-    try:
-        yield
-    except EngineError as error:
-        raise ToolError(str(error)) from None
+@asynccontextmanager
+async def tool_call() -> AsyncIterator[None]:
+    """The frame of every tool call: engine errors carry one sentence meant for the user and become the tool error;
+    over HTTP, a client that goes away cancels its call (server/disconnect.py)."""
+    async with cancelled_when_client_leaves():
+        try:
+            yield
+        except EngineError as error:
+            raise ToolError(str(error)) from None
 
 
 def create_server(engine: Engine | Callable[[], Engine], *, auth: AuthProvider | None = None) -> FastMCP:
@@ -104,7 +109,7 @@ def create_server(engine: Engine | Callable[[], Engine], *, auth: AuthProvider |
         stop: StopStrings | None = None,
     ) -> GenerationOutput:
         """Generate text with the resident model: continue `prompt`, or reply to `messages`."""
-        with engine_errors_as_tool_errors():
+        async with tool_call():
             if (prompt is None) == (messages is None):
                 raise InvalidRequestError("give exactly one of prompt (text to continue) and messages (a conversation)")
             loaded = await loaded_engine(ctx)
@@ -130,7 +135,7 @@ def create_server(engine: Engine | Callable[[], Engine], *, auth: AuthProvider |
     ) -> CodeCompletion:
         """Complete code at a cursor (greedy). With a fill-in-the-middle model the suffix is used; otherwise the
         prefix is continued and cut where the current block or statement group ends. Returns only the new code."""
-        with engine_errors_as_tool_errors():
+        async with tool_call():
             loaded = await loaded_engine(ctx)
             if loaded.fim_style is not None:
                 built, text_filter, mode = loaded.fim_style.prompt(prefix, suffix), None, "fill_in_the_middle"
@@ -151,7 +156,7 @@ def create_server(engine: Engine | Callable[[], Engine], *, auth: AuthProvider |
         max_words: Annotated[int, Field(ge=10, le=1000, description="most words in the summary")] = 120,
     ) -> Summary:
         """Summarise text. Progress counts tokens over all steps; only the final summary's text is streamed."""
-        with engine_errors_as_tool_errors():
+        async with tool_call():
             if not text.strip():
                 raise InvalidRequestError("the text is empty; give some text to summarise")
             loaded = await loaded_engine(ctx)

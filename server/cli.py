@@ -10,19 +10,18 @@ import argparse
 import ipaddress
 import logging
 import os
-from dataclasses import replace
 from functools import partial
 
-from engine.cli import add_engine_options, engine_options
-from engine.engine import DEFAULT_MAX_QUEUED_REQUESTS, Engine, check_options
-from engine.errors import InvalidRequestError
+from mtp_mcp.engine.errors import InvalidRequestError
+from mtp_mcp.engine.options import DEFAULT_MAX_QUEUED_REQUESTS, EngineOptions, check_options
 
 TOKEN_ENV = "MTP_MCP_TOKEN"
 
 log = logging.getLogger(__name__)
 
 
-def add_serve_parser(commands: argparse._SubParsersAction) -> None:
+def add_serve_arguments(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """The serve subcommand with its own options; the caller adds the engine's."""
     serve = commands.add_parser(
         "serve", help="run the MCP server (stdio by default)",
         description="Run the MCP server with tools generate, complete_code and summarise. The model loads in the "
@@ -39,14 +38,15 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED_REQUESTS,
                        help="generations that may wait for the engine; beyond this, calls fail at once "
                        f"(default: {DEFAULT_MAX_QUEUED_REQUESTS})")
-    add_engine_options(serve)
     serve.set_defaults(run=run_serve)
+    return serve
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    # Checked before anything slow starts; each problem is one sentence (main() exits with status 2).
+    # Checked before anything slow starts; each problem is one sentence (main() exits with status 2). What needs
+    # torch or the model's files to check (is CUDA there, does the file load) is reported by every tool call.
     token = args.auth_token or os.environ.get(TOKEN_ENV) or None
-    options = replace(engine_options(args), max_queued_requests=args.max_queued_requests)
+    options: EngineOptions = args.engine_options
     check_options(options)
     if args.transport == "http":
         if not 1 <= args.port <= 65535:
@@ -61,20 +61,28 @@ def run_serve(args: argparse.Namespace) -> int:
     elif token is not None:
         log.warning("the auth token applies to HTTP only; stdio is reachable only by the process that started it")
 
-    # Imported here: `mtp-mcp generate` builds this parser too and should not pay for importing fastmcp.
+    # Imported here: every `mtp-mcp` invocation builds this parser and should not pay for importing fastmcp.
     from fastmcp.server.auth.providers.jwt import StaticTokenVerifier
 
-    from server.app import create_server
+    from mtp_mcp.server.app import create_server
 
     auth = None
     if args.transport == "http" and token is not None:
         auth = StaticTokenVerifier(tokens={token: {"client_id": "mtp-mcp-client", "scopes": []}})
-    server = create_server(partial(Engine.load, options), auth=auth)
+    # The engine (torch and transformers with it) is imported and loaded in the background, after the server
+    # already answers the MCP handshake and tool listings.
+    server = create_server(partial(_load_engine, options), auth=auth)
     if args.transport == "stdio":
         server.run("stdio", show_banner=False)
     else:
         server.run("http", show_banner=False, host=args.host, port=args.port, path=args.path)
     return 0
+
+
+def _load_engine(options: EngineOptions):
+    from mtp_mcp.engine.engine import Engine
+
+    return Engine.load(options)
 
 
 def is_loopback(host: str) -> bool:

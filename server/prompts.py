@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from transformers import PreTrainedTokenizerBase
+from mtp_mcp.engine.errors import InvalidRequestError
+from mtp_mcp.engine.request import GenerationRequest
+from mtp_mcp.server.schemas import ChatMessage, FinishReason
 
-from engine.errors import InvalidRequestError
-from engine.request import GenerationRequest
-from server.schemas import ChatMessage, FinishReason
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,14 +14,16 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import anyio
 
-from engine.engine import Engine
-from engine.errors import EngineError, ModelLoadError
-from engine.request import GenerationRequest
-from server.prompts import FimStyle, detect_fim_style
+from mtp_mcp.engine.errors import EngineError, ModelLoadError
+from mtp_mcp.engine.request import GenerationRequest
+from mtp_mcp.server.prompts import FimStyle, detect_fim_style
+
+if TYPE_CHECKING:
+    from mtp_mcp.engine.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ class ResidentEngine:
         """source: a ready engine (the caller keeps ownership and closes it), or a function that loads one (called
         once, in a background thread; the engine it returns is warmed up here and closed by close())."""
         self._source = source
-        self._owned = not isinstance(source, Engine)
+        self._owned = callable(source)  # an Engine is not callable; a loader is
         self._loaded: Future[LoadedEngine] = Future()
         # Running from the start: a cancelled waiter must never cancel the shared load.
         self._loaded.set_running_or_notify_cancel()

@@ -6,8 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
-from engine.request import MAX_NEW_TOKENS_LIMIT, MAX_STOP_STRINGS
-from engine.stats import GenerationStats
+from mtp_mcp.engine.request import MAX_NEW_TOKENS_LIMIT, MAX_STOP_STRINGS
+from mtp_mcp.engine.stats import GenerationStats
 
 # Bounds on what one call may send, far above what fits any supported context: they only stop absurd payloads.
 MAX_PROMPT_CHARS = 1_000_000

@@ -16,12 +16,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from engine.engine import Engine
-from engine.request import GenerationRequest
-from engine.stats import GenerationStats
-from server.schemas import FinishReason
+from mtp_mcp.engine.request import GenerationRequest
+from mtp_mcp.engine.stats import GenerationStats
+from mtp_mcp.server.schemas import FinishReason
+
+if TYPE_CHECKING:
+    from mtp_mcp.engine.engine import Engine
 
 # (tokens generated so far, new text): sends one progress notification.
 ProgressReport = Callable[[int, str], Awaitable[None]]

@@ -13,15 +13,18 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import anyio
 
-from engine.engine import Engine
-from engine.errors import EngineError, InvalidRequestError
-from engine.stats import GenerationStats
-from server.prompts import SummaryPrompt, SummaryStyle, summary_prompt
-from server.schemas import FinishReason
-from server.streaming import generate_streamed
+from mtp_mcp.engine.errors import EngineError, InvalidRequestError
+from mtp_mcp.engine.stats import GenerationStats
+from mtp_mcp.server.prompts import SummaryPrompt, SummaryStyle, summary_prompt
+from mtp_mcp.server.schemas import FinishReason
+from mtp_mcp.server.streaming import generate_streamed
+
+if TYPE_CHECKING:
+    from mtp_mcp.engine.engine import Engine
 
 # English runs ~1.2-1.4 tokens per word on the Gemma/Llama/Qwen tokenizers; the margin lets the word budget
 # (SummaryGuard), not the token budget, end most summaries on a whole sentence.

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.loading import CACHE_DIR_ENV, LoadedModel, load_model
+from mtp_mcp.engine.loading import CACHE_DIR_ENV, LoadedModel, load_model
 
 # The tiny test models do microsecond-sized matmuls, where a second intra-op thread only adds synchronisation: with
 # anything else running on a 2-core machine (the stdio server subprocess, say) its spin-waits made a tiny-model test

@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from benchmarks import prefill_cost
-from benchmarks.workloads import WORKLOAD_NAMES, cut_after_def
-from engine.cli import main
 from tiny_checkpoints import build_tiny_checkpoint
+
+from mtp_mcp.benchmarks import prefill_cost
+from mtp_mcp.benchmarks.workloads import WORKLOAD_NAMES, cut_after_def
+from mtp_mcp.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -49,7 +49,7 @@ def test_bench_prints_table_and_writes_json_and_plot(tiny_dir, tmp_path, capsys)
         assert summaries[(workload, "transformers")]["speedup_vs_transformers"] == pytest.approx(1.0)
         assert summaries[(workload, "engine-none")]["tokens_per_pass"] == pytest.approx(1.0)
         assert summaries[(workload, "engine-ngram")]["tokens_per_pass"] >= 1.0
-    assert document["meta"]["engine_kernels"] == "engine.cpu_kernels"
+    assert document["meta"]["engine_kernels"] == "mtp_mcp.engine.cpu_kernels"
     assert plot_path.read_bytes().startswith(PNG_MAGIC)
 
 

@@ -4,9 +4,9 @@ import json
 import threading
 
 import pytest
-
-from engine.cli import main
 from tiny_checkpoints import build_tiny_checkpoint
+
+from mtp_mcp.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_serve_refuses_bad_options_before_starting(args, message, capsys):
 
 
 def test_an_auth_token_that_starts_with_a_dash_is_taken_in_the_equals_form():
-    from engine.cli import build_parser
+    from mtp_mcp.cli import build_parser
 
     args = build_parser().parse_args(["serve", "--transport", "http", "--auth-token=-starts-with-a-dash"])
     assert args.auth_token == "-starts-with-a-dash"
@@ -84,7 +84,7 @@ def test_an_auth_token_that_starts_with_a_dash_is_taken_in_the_equals_form():
 def test_ctrl_c_cancels_the_running_generation(tiny_dir, monkeypatch):
     # Ctrl-C arrives as KeyboardInterrupt while the main thread waits for the result: the generation must be
     # cancelled (stopping within a step) before the engine is closed, not left to run to max_new_tokens.
-    from engine.engine import GenerationHandle
+    from mtp_mcp.engine.engine import GenerationHandle
 
     handles = []
     wait = GenerationHandle.result

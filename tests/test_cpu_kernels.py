@@ -4,10 +4,10 @@ greedy argmax TargetModel builds on the screen (random weights; near-ties and so
 import pytest
 import torch
 import torch.nn.functional as F
-
-from engine.cpu_kernels import Int8ArgmaxScreen, PrepackedLinear, use_cpu_kernels
-from engine.target import TargetModel
 from tiny_models import tiny_gemma3
+
+from mtp_mcp.engine.cpu_kernels import Int8ArgmaxScreen, PrepackedLinear, use_cpu_kernels
+from mtp_mcp.engine.target import TargetModel
 
 
 @pytest.mark.parametrize("min_rows", [2, 4])
@@ -110,7 +110,7 @@ def test_an_output_layer_with_a_bias_gets_no_screen_and_its_greedy_tokens_count_
     model.set_output_embeddings(biased)
     model.config.tie_word_embeddings = False
     if int8:
-        from engine.int8_weights import quantize_to_int8
+        from mtp_mcp.engine.int8_weights import quantize_to_int8
         quantize_to_int8(model)
     use_cpu_kernels(model)
     assert getattr(model.get_output_embeddings(), "argmax_screen", "absent") is None

@@ -4,16 +4,16 @@ import threading
 
 import pytest
 import torch
-
-from engine.decode import generate
-from engine.drafters.autoregressive import NoDrafter
-from engine.drafters.base import Draft, DraftContext
-from engine.drafters.draft_model import DraftModelDrafter
-from engine.drafters.prompt_lookup import PromptLookupDrafter
-from engine.request import GenerationRequest
-from engine.sampling import SamplingParams, probabilities
-from engine.target import PREFILL_CHUNK_TOKENS, TargetModel
 from tiny_models import CONTEXT, VOCAB, tiny_gemma3, tiny_llama, train_tiny_tokenizer
+
+from mtp_mcp.engine.decode import generate
+from mtp_mcp.engine.drafters.autoregressive import NoDrafter
+from mtp_mcp.engine.drafters.base import Draft, DraftContext
+from mtp_mcp.engine.drafters.draft_model import DraftModelDrafter
+from mtp_mcp.engine.drafters.prompt_lookup import PromptLookupDrafter
+from mtp_mcp.engine.request import GenerationRequest, SamplingParams
+from mtp_mcp.engine.sampling import probabilities
+from mtp_mcp.engine.target import PREFILL_CHUNK_TOKENS, TargetModel
 
 TOKENIZER = train_tiny_tokenizer(VOCAB)
 EOS = frozenset({TOKENIZER.eos_token_id})

@@ -4,12 +4,12 @@ import json
 
 import pytest
 
-from benchmarks.workloads import cut_after_def, workloads_dir
-from engine.cli import main
-from engine.drafters.autoregressive import NoDrafter
-from engine.engine import Engine, EngineOptions
-from engine.request import GenerationRequest
-from engine.target import PREFILL_CHUNK_TOKENS
+from mtp_mcp.benchmarks.workloads import cut_after_def, workloads_dir
+from mtp_mcp.cli import main
+from mtp_mcp.engine.drafters.autoregressive import NoDrafter
+from mtp_mcp.engine.engine import Engine, EngineOptions
+from mtp_mcp.engine.request import GenerationRequest
+from mtp_mcp.engine.target import PREFILL_CHUNK_TOKENS
 
 PROMPTS = [
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\n\ndef factorial(n):\n",

@@ -4,15 +4,15 @@ import threading
 
 import pytest
 import torch
-
-from engine.drafters import create_drafter
-from engine.drafters.autoregressive import NoDrafter
-from engine.drafters.prompt_lookup import PromptLookupDrafter
-from engine.engine import Engine
-from engine.errors import EngineBusyError, EngineClosedError, EngineError, InvalidRequestError
-from engine.loading import LoadedModel
-from engine.request import GenerationRequest
 from tiny_models import tiny_gemma3, train_tiny_tokenizer
+
+from mtp_mcp.engine.drafters import create_drafter
+from mtp_mcp.engine.drafters.autoregressive import NoDrafter
+from mtp_mcp.engine.drafters.prompt_lookup import PromptLookupDrafter
+from mtp_mcp.engine.engine import Engine
+from mtp_mcp.engine.errors import EngineBusyError, EngineClosedError, EngineError, InvalidRequestError
+from mtp_mcp.engine.loading import LoadedModel
+from mtp_mcp.engine.request import GenerationRequest
 
 TOKENIZER = train_tiny_tokenizer()
 PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox"
@@ -200,10 +200,10 @@ def test_a_cancelled_prefill_stops_between_chunks_and_the_engine_serves_the_next
 
 
 def test_a_draft_model_stops_its_first_feed_when_cancelled():
-    from engine.drafters.base import DraftContext
-    from engine.drafters.draft_model import DraftModelDrafter
-    from engine.sampling import SamplingParams
-    from engine.target import TargetModel
+    from mtp_mcp.engine.drafters.base import DraftContext
+    from mtp_mcp.engine.drafters.draft_model import DraftModelDrafter
+    from mtp_mcp.engine.request import SamplingParams
+    from mtp_mcp.engine.target import TargetModel
 
     draft = DraftModelDrafter(tiny_gemma3(seed=1), 3, prefill_chunk_tokens=4)
     draft.begin(list(range(3, 40)), SamplingParams(), torch.Generator())
@@ -215,7 +215,7 @@ def test_a_draft_model_stops_its_first_feed_when_cancelled():
 
 
 def test_drafter_caches_are_freed_after_each_request():
-    from engine.drafters.draft_model import DraftModelDrafter
+    from mtp_mcp.engine.drafters.draft_model import DraftModelDrafter
 
     drafter = DraftModelDrafter(tiny_gemma3(seed=1), 3)
     engine = Engine(tiny_loaded(), drafter)

@@ -11,17 +11,17 @@ import torch.nn.functional as F
 from test_loading import PROMPT, write_tiny_gguf
 from tiny_checkpoints import build_tiny_checkpoint
 
-from engine.cpu_kernels import Int8ArgmaxScreen
-from engine.drafters.autoregressive import NoDrafter
-from engine.drafters.draft_model import DraftModelDrafter
-from engine.drafters.prompt_lookup import PromptLookupDrafter
-from engine.engine import Engine, EngineOptions
-from engine.errors import InvalidRequestError
-from engine.int8_weights import Int8Embedding, Int8Linear, quantize_rows
-from engine.lean_gemma3 import lean_gemma3_supported
-from engine.loading import load_model
-from engine.request import GenerationRequest
-from engine.target import TargetModel
+from mtp_mcp.engine.cpu_kernels import Int8ArgmaxScreen
+from mtp_mcp.engine.drafters.autoregressive import NoDrafter
+from mtp_mcp.engine.drafters.draft_model import DraftModelDrafter
+from mtp_mcp.engine.drafters.prompt_lookup import PromptLookupDrafter
+from mtp_mcp.engine.engine import Engine, EngineOptions
+from mtp_mcp.engine.errors import InvalidRequestError
+from mtp_mcp.engine.int8_weights import Int8Embedding, Int8Linear, quantize_rows
+from mtp_mcp.engine.lean_gemma3 import lean_gemma3_supported
+from mtp_mcp.engine.loading import load_model
+from mtp_mcp.engine.request import GenerationRequest
+from mtp_mcp.engine.target import TargetModel
 
 BLOCKS = (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q5_0)
 
@@ -156,7 +156,7 @@ def test_engine_load_screens_the_int8_output_layer(block_gguf: Path):
 
 
 def test_a_truncated_gguf_is_one_sentence(block_gguf: Path, tmp_path: Path):
-    from engine.errors import ModelLoadError
+    from mtp_mcp.engine.errors import ModelLoadError
 
     cut = tmp_path / "cut.gguf"
     data = block_gguf.read_bytes()

@@ -16,9 +16,9 @@ from tiny_checkpoints import build_tiny_checkpoint
 from tiny_models import train_tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
 
-from engine import loading
-from engine.errors import InvalidRequestError, ModelLoadError
-from engine.loading import EMBEDDED_NAME, LoadedModel, load_model, resolve_device, resolve_dtype
+from mtp_mcp.engine import loading
+from mtp_mcp.engine.errors import InvalidRequestError, ModelLoadError
+from mtp_mcp.engine.loading import EMBEDDED_NAME, LoadedModel, load_model, resolve_device, resolve_dtype
 
 PROMPT = "The quick brown fox jumps over the lazy dog. def add(a, b):\n    return a + b\n"
 
@@ -216,7 +216,7 @@ def test_gguf_is_converted_once_and_then_read_from_the_cache(
     monkeypatch.setenv(loading.CACHE_DIR_ENV, str(cache))
     gguf_file = tmp_path / "tiny.gguf"
     original = write_tiny_gguf(gguf_file)
-    caplog.set_level(logging.INFO, logger="engine.loading")
+    caplog.set_level(logging.INFO, logger="mtp_mcp.engine.loading")
 
     first = load_model(str(gguf_file), device="cpu")
     assert first.name == "tiny.gguf"

@@ -18,17 +18,17 @@ from transformers import DynamicCache, GenerationConfig
 from transformers.cache_utils import LinearAttentionCacheLayerMixin
 from transformers.generation.candidate_generator import SinglePositionMultiTokenCandidateGenerator
 
-from engine.cpu_kernels import use_cpu_kernels
-from engine.decode import generate
-from engine.drafters import create_drafter
-from engine.drafters.base import Draft, DraftContext
-from engine.drafters.draft_model import DraftModelDrafter
-from engine.engine import Engine, EngineOptions
-from engine.errors import InvalidRequestError, ModelLoadError
-from engine.loading import LoadedModel, load_model
-from engine.request import GenerationRequest
-from engine.sampling import SamplingParams, probabilities
-from engine.target import PREFILL_CHUNK_TOKENS, TargetModel
+from mtp_mcp.engine.cpu_kernels import use_cpu_kernels
+from mtp_mcp.engine.decode import generate
+from mtp_mcp.engine.drafters import create_drafter
+from mtp_mcp.engine.drafters.base import Draft, DraftContext
+from mtp_mcp.engine.drafters.draft_model import DraftModelDrafter
+from mtp_mcp.engine.engine import Engine, EngineOptions
+from mtp_mcp.engine.errors import InvalidRequestError, ModelLoadError
+from mtp_mcp.engine.loading import LoadedModel, load_model
+from mtp_mcp.engine.request import GenerationRequest, SamplingParams
+from mtp_mcp.engine.sampling import probabilities
+from mtp_mcp.engine.target import PREFILL_CHUNK_TOKENS, TargetModel
 
 TOKENIZER = train_tiny_tokenizer(VOCAB)
 EOS = frozenset({TOKENIZER.eos_token_id})

@@ -8,8 +8,8 @@ import torch
 from tiny_models import VOCAB, tiny_gemma3
 from transformers import CohereConfig, CohereForCausalLM, GraniteConfig, GraniteForCausalLM
 
-from engine.errors import ModelLoadError
-from engine.target import TargetModel
+from mtp_mcp.engine.errors import ModelLoadError
+from mtp_mcp.engine.target import TargetModel
 
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, bos_token_id=0, eos_token_id=1, pad_token_id=2)

@@ -8,14 +8,14 @@ import json
 import pytest
 from fastmcp import Client
 from fastmcp.exceptions import ToolError
-
-from engine.drafters import create_drafter
-from engine.engine import Engine
-from engine.errors import EngineClosedError, ModelLoadError
-from engine.loading import load_model
-from server.app import create_server
-from server.summarise import count_words
 from tiny_checkpoints import GEMMA_STYLE_CHAT_TEMPLATE, build_tiny_checkpoint
+
+from mtp_mcp.engine.drafters import create_drafter
+from mtp_mcp.engine.engine import Engine
+from mtp_mcp.engine.errors import EngineClosedError, ModelLoadError
+from mtp_mcp.engine.loading import load_model
+from mtp_mcp.server.app import create_server
+from mtp_mcp.server.summarise import count_words
 
 CONTEXT = 512
 
@@ -197,7 +197,7 @@ async def test_summarise_a_short_text_in_one_generation(client):
 async def test_an_empty_summary_is_asked_again_under_another_framing_or_refused(client, monkeypatch, empty_answers,
                                                                                 style):
     # The 270M base model sometimes ends its answer at once (a short announcement with bullet points gave text "").
-    import server.summarise as summarise_module
+    import mtp_mcp.server.summarise as summarise_module
 
     real = summarise_module.generate_streamed
     styles = []
@@ -350,9 +350,9 @@ async def test_a_loader_runs_once_in_the_background_and_its_engine_is_closed_at_
 async def test_a_call_that_waits_for_the_model_gets_progress_while_it_loads(checkpoints, monkeypatch):
     import time
 
-    import server.resident
+    import mtp_mcp.server.resident
 
-    monkeypatch.setattr(server.resident, "LOADING_REPORT_INTERVAL_S", 0.1)
+    monkeypatch.setattr(mtp_mcp.server.resident, "LOADING_REPORT_INTERVAL_S", 0.1)
 
     def slow_load():
         time.sleep(1.0)

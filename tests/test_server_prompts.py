@@ -1,10 +1,11 @@
 """Prompt building and the text rules of the server, on plain strings and the tiny tokenizers: no model runs."""
 
 import pytest
+from tiny_checkpoints import GEMMA_STYLE_CHAT_TEMPLATE, build_tiny_checkpoint
 from transformers import AutoTokenizer
 
-from engine.errors import InvalidRequestError
-from server.prompts import (
+from mtp_mcp.engine.errors import InvalidRequestError
+from mtp_mcp.server.prompts import (
     FIM_STYLES,
     CodeBoundary,
     chat_prompt,
@@ -13,9 +14,8 @@ from server.prompts import (
     summary_prompt,
     transcript_prompt,
 )
-from server.schemas import ChatMessage
-from server.summarise import SummaryGuard, count_words, pack_into_groups, split_into_chunks
-from tiny_checkpoints import GEMMA_STYLE_CHAT_TEMPLATE, build_tiny_checkpoint
+from mtp_mcp.server.schemas import ChatMessage
+from mtp_mcp.server.summarise import SummaryGuard, count_words, pack_into_groups, split_into_chunks
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,10 @@ import pytest
 from fastmcp import Client
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
-
-from engine.cli import main
-from engine.loading import CACHE_DIR_ENV
 from tiny_checkpoints import build_tiny_checkpoint
+
+from mtp_mcp.cli import main
+from mtp_mcp.engine.loading import CACHE_DIR_ENV
 
 MTP_MCP = shutil.which("mtp-mcp") or str(Path(sys.executable).with_name("mtp-mcp"))
 TOKEN = "test-token-7f3a"
@@ -47,7 +47,9 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout_s: float = 120) 
 
 @pytest.fixture(scope="module")
 def http_server(tmp_path_factory):
-    checkpoint = build_tiny_checkpoint(tmp_path_factory.mktemp("http") / "tiny")
+    # A long context, so that a generation can run long enough to be cut short by a client that goes away.
+    checkpoint = build_tiny_checkpoint(tmp_path_factory.mktemp("http") / "tiny", context_length=8192,
+                                       eos_reachable=False)
     port = free_port()
     log = tmp_path_factory.mktemp("http-log") / "server.log"
     with open(log, "w") as stderr:
@@ -58,13 +60,14 @@ def http_server(tmp_path_factory):
         )
     try:
         wait_for_port(port, process)
-        yield f"http://127.0.0.1:{port}/mcp"
+        yield f"http://127.0.0.1:{port}/mcp", log
     finally:
         process.terminate()
         process.wait(timeout=30)
 
 
 def test_http_refuses_a_request_without_the_token(http_server):
+    http_server, _ = http_server
     request = urllib.request.Request(http_server, method="POST", data=b"{}",
                                      headers={"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as refused:
@@ -77,12 +80,59 @@ def test_http_refuses_a_request_without_the_token(http_server):
 
 
 async def test_http_with_the_token_answers_concurrent_calls(http_server):
+    http_server, _ = http_server
     async with Client(http_server, auth=TOKEN) as client:
         calls = [client.call_tool("generate", {"prompt": f"Call {i}", "max_new_tokens": 6}) for i in range(5)]
         results = await asyncio.gather(*calls)
         model = json.loads((await client.read_resource("engine://model"))[0].text)
     assert [r.structured_content["completion_tokens"] for r in results] == [6] * 5
     assert model["status"] == "ready" and model["model"] == "tiny"
+
+
+# A client process that starts a long generation and reports the first text that reaches it. mode "legacy" speaks
+# the 2025 handshake protocol (what hosts speak today), whose wire has no cancellation by closing the stream.
+LONG_CALL_CLIENT = """
+import asyncio, sys
+from fastmcp import Client
+
+async def main():
+    async with Client(sys.argv[1], auth=sys.argv[2], mode=sys.argv[3]) as client:
+        async def on_progress(progress, total, message):
+            if progress >= 1:
+                print("text arrived", flush=True)
+        await client.call_tool("generate", {"prompt": "Once upon a time", "max_new_tokens": 8000},
+                               progress_handler=on_progress)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_an_http_client_that_is_killed_mid_call_stops_its_generation(http_server, mode):
+    http_server, log = http_server
+    async with Client(http_server, auth=TOKEN) as watcher:
+        async def totals() -> dict:
+            return json.loads((await watcher.read_resource("engine://stats"))[0].text)
+
+        await watcher.call_tool("generate", {"prompt": "Warm", "max_new_tokens": 1})  # the model is ready
+        before = await totals()
+        client = subprocess.Popen([sys.executable, "-c", LONG_CALL_CLIENT, http_server, TOKEN, mode],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert await asyncio.to_thread(client.stdout.readline) == "text arrived\n"
+        finally:
+            client.kill()
+            client.wait()
+        deadline = time.monotonic() + 300
+        while (after := await totals())["requests"] == before["requests"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        # The engine is free again long before the 8,000 tokens asked for (the tiny model keeps going without EOS).
+        answer = await watcher.call_tool("generate", {"prompt": "Next caller", "max_new_tokens": 4})
+    assert after["requests"] == before["requests"] + 1
+    assert after["new_tokens"] - before["new_tokens"] < 4000
+    assert answer.structured_content["completion_tokens"] == 4
+    if mode == "legacy":  # the 2026 protocol's own disconnect handling may come first
+        assert "client of a running call disconnected" in log.read_text()
 
 
 def test_serving_beyond_loopback_without_a_token_is_refused(monkeypatch, capsys):

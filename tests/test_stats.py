@@ -1,6 +1,6 @@
 """Per-request statistics: derived rates and adding several generations into one answer's statistics."""
 
-from engine.stats import GenerationStats
+from mtp_mcp.engine.stats import GenerationStats
 
 
 def stats_of(steps: list[tuple[int, int]], new_tokens: int) -> GenerationStats:

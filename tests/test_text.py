@@ -1,9 +1,9 @@
 """Incremental detokenization and stop strings."""
 
 import pytest
-
-from engine.text import IncrementalDetokenizer, StopStringMatcher
 from tiny_models import train_tiny_tokenizer
+
+from mtp_mcp.engine.text import IncrementalDetokenizer, StopStringMatcher
 
 SAMPLES = [
     "The quick brown fox 🙂🚀 jumps over 日本語 テキスト and “quotes”.",

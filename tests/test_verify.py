@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from engine.verify import verify_greedy, verify_sampling
+from mtp_mcp.engine.verify import verify_greedy, verify_sampling
 
 V = 5
 
@@ -71,7 +71,7 @@ def test_second_token_follows_the_target_distribution_when_the_first_is_accepted
 
 def wrong_rule(draft_tokens, draft_probs, target_probs, generator):
     """A plausible but wrong rule: on rejection, resample from p instead of the residual max(0, p - q)."""
-    from engine.verify import Verdict
+    from mtp_mcp.engine.verify import Verdict
 
     for i, token in enumerate(draft_tokens):
         p, q = target_probs[i], draft_probs[i]

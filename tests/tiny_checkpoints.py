@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from tokenizers.processors import TemplateProcessing
-
+import torch
 from tiny_models import VOCAB, tiny_gemma3, tiny_llama, train_tiny_tokenizer
+from tokenizers.processors import TemplateProcessing
 
 # Gemma's turn markup, so templated prompts start with <bos> and the tokenizer must not add a second one.
 GEMMA_STYLE_CHAT_TEMPLATE = (
@@ -35,11 +35,14 @@ def build_tiny_checkpoint(
     vocab_size: int = VOCAB,
     context_length: int = 512,
     seed: int = 0,
+    eos_reachable: bool = True,
 ) -> Path:
     """Saves a tiny random model and its tokenizer to `path` (created if needed) and returns the path.
 
     vocab_size is the BPE vocabulary (bytes, merges and <bos>/<eos>/<pad>); the chat and FIM special tokens come on
     top, and the model's embedding matches the final tokenizer length. context_length is max_position_embeddings.
+    eos_reachable=False zeroes the <eos> row of the (tied) output layer: its logit is then 0 while the largest of the
+    others is positive, so greedy decoding runs to max_new_tokens.
     """
     path = Path(path)
     tokenizer = train_tiny_tokenizer(vocab_size)
@@ -60,6 +63,9 @@ def build_tiny_checkpoint(
     model = builders[arch](seed, context_length)
     # The added chat/FIM tokens need rows in the embedding (and the tied output layer).
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    if not eos_reachable:
+        with torch.no_grad():
+            model.get_output_embeddings().weight[tokenizer.eos_token_id] = 0
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.eval().save_pretrained(path)

@@ -12,42 +12,30 @@ import logging
 from collections.abc import Callable
 from re import Pattern
 
-from engine.drafters import deepseek_mtp, qwen_mtp
-from engine.drafters.autoregressive import NoDrafter
-from engine.drafters.base import Draft, DraftContext, Drafter
-from engine.drafters.draft_model import DraftModelDrafter, check_same_vocabulary
-from engine.drafters.gemma4_assistant import is_gemma4_assistant, load_gemma4_assistant_drafter, sibling_assistant
-from engine.drafters.mtp_heads import checkpoint_tensor_files
-from engine.drafters.prompt_lookup import PromptLookupDrafter
-from engine.errors import InvalidRequestError, ModelLoadError
-from engine.loading import LoadedModel, load_model
+from mtp_mcp.engine.drafters import deepseek_mtp, qwen_mtp
+from mtp_mcp.engine.drafters.autoregressive import NoDrafter
+from mtp_mcp.engine.drafters.base import Draft, DraftContext, Drafter
+from mtp_mcp.engine.drafters.draft_model import DraftModelDrafter, check_same_vocabulary
+from mtp_mcp.engine.drafters.gemma4_assistant import (
+    is_gemma4_assistant,
+    load_gemma4_assistant_drafter,
+    sibling_assistant,
+)
+from mtp_mcp.engine.drafters.mtp_heads import checkpoint_tensor_files
+from mtp_mcp.engine.drafters.prompt_lookup import PromptLookupDrafter
+from mtp_mcp.engine.errors import InvalidRequestError, ModelLoadError
+from mtp_mcp.engine.loading import LoadedModel, load_model
+from mtp_mcp.engine.options import check_drafter_choice
 
 log = logging.getLogger(__name__)
 
-DRAFTER_NAMES = ("auto", "none", "ngram", "draft-model", "mtp")
-MAX_NUM_DRAFT_TOKENS = 16
-
-__all__ = ["DRAFTER_NAMES", "Draft", "DraftContext", "Drafter", "check_drafter_choice", "create_drafter"]
+__all__ = ["Draft", "DraftContext", "Drafter", "create_drafter"]
 
 # Per family of in-checkpoint MTP: (MTP layers the config declares, names of their tensors, loader).
 _MTP_FAMILIES: tuple[tuple[Callable, Callable[[LoadedModel], Pattern], Callable[[LoadedModel, int], Drafter]], ...] = (
     (qwen_mtp.declared_mtp_layers, qwen_mtp.mtp_tensor_names, qwen_mtp.load_qwen_mtp_drafter),
     (deepseek_mtp.declared_mtp_layers, deepseek_mtp.mtp_tensor_names, deepseek_mtp.load_deepseek_mtp_drafter),
 )
-
-
-def check_drafter_choice(name: str, draft_model: str | None, num_draft_tokens: int) -> None:
-    """The checks that need no model: raises InvalidRequestError, one sentence, for a choice that cannot work."""
-    if name not in DRAFTER_NAMES:
-        raise InvalidRequestError(f"unknown drafter '{name}'; choose one of: {', '.join(DRAFTER_NAMES)}")
-    if not isinstance(num_draft_tokens, int) or not 1 <= num_draft_tokens <= MAX_NUM_DRAFT_TOKENS:
-        raise InvalidRequestError(
-            f"num_draft_tokens is {num_draft_tokens!r}; it must be a whole number from 1 to {MAX_NUM_DRAFT_TOKENS}"
-        )
-    if draft_model is not None and name not in ("auto", "draft-model", "mtp"):
-        raise InvalidRequestError(
-            f"--draft-model is only used with --drafter draft-model, mtp (a Gemma 4 assistant) or auto, not '{name}'"
-        )
 
 
 def create_drafter(name: str, target: LoadedModel, draft_model: str | None, num_draft_tokens: int) -> Drafter:

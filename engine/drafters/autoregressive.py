@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.drafters.base import NO_DRAFT, Draft, DraftContext
-from engine.sampling import SamplingParams
+from mtp_mcp.engine.drafters.base import NO_DRAFT, Draft, DraftContext
+from mtp_mcp.engine.request import SamplingParams
 
 
 class NoDrafter:

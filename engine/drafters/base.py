@@ -12,8 +12,8 @@ from typing import Protocol
 
 import torch
 
-from engine.sampling import SamplingParams
-from engine.target import TargetModel
+from mtp_mcp.engine.request import SamplingParams
+from mtp_mcp.engine.target import TargetModel
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,8 +15,8 @@ import re
 from transformers import PreTrainedConfig
 from transformers.modeling_layers import MtpModel
 
-from engine.drafters.mtp_heads import MtpHeadDrafter, load_mtp_heads
-from engine.loading import LoadedModel
+from mtp_mcp.engine.drafters.mtp_heads import MtpHeadDrafter, load_mtp_heads
+from mtp_mcp.engine.loading import LoadedModel
 
 
 def declared_mtp_layers(text_config: PreTrainedConfig) -> int:

@@ -7,10 +7,11 @@ import threading
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from engine.drafters.base import NO_DRAFT, AdaptiveDraftLength, Draft, DraftContext
-from engine.errors import InvalidRequestError
-from engine.sampling import SamplingParams, probabilities, sample
-from engine.target import PREFILL_CHUNK_TOKENS
+from mtp_mcp.engine.drafters.base import NO_DRAFT, AdaptiveDraftLength, Draft, DraftContext
+from mtp_mcp.engine.errors import InvalidRequestError
+from mtp_mcp.engine.request import SamplingParams
+from mtp_mcp.engine.sampling import probabilities, sample
+from mtp_mcp.engine.target import PREFILL_CHUNK_TOKENS
 
 
 class DraftModelDrafter:

@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from engine.drafters.base import NO_DRAFT, AdaptiveDraftLength, Draft, DraftContext
-from engine.errors import InvalidRequestError, ModelLoadError
-from engine.loading import LoadedModel
-from engine.sampling import SamplingParams, probabilities, sample
+from mtp_mcp.engine.drafters.base import NO_DRAFT, AdaptiveDraftLength, Draft, DraftContext
+from mtp_mcp.engine.errors import InvalidRequestError, ModelLoadError
+from mtp_mcp.engine.loading import LoadedModel
+from mtp_mcp.engine.request import SamplingParams
+from mtp_mcp.engine.sampling import probabilities, sample
 
 ASSISTANT_MODEL_TYPES = {"gemma4_assistant": "gemma4", "gemma4_unified_assistant": "gemma4_unified"}
 

@@ -33,11 +33,12 @@ from transformers.modeling_layers import MtpModel
 from transformers.modeling_utils import LoadStateDictConfig
 from transformers.utils import ContextManagers
 
-from engine.drafters.base import NO_DRAFT, AdaptiveDraftLength, Draft, DraftContext
-from engine.errors import ModelLoadError
-from engine.loading import LoadedModel
-from engine.sampling import SamplingParams, probabilities, sample
-from engine.target import TargetModel
+from mtp_mcp.engine.drafters.base import NO_DRAFT, AdaptiveDraftLength, Draft, DraftContext
+from mtp_mcp.engine.errors import ModelLoadError
+from mtp_mcp.engine.loading import LoadedModel
+from mtp_mcp.engine.request import SamplingParams
+from mtp_mcp.engine.sampling import probabilities, sample
+from mtp_mcp.engine.target import TargetModel
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ import re
 
 from transformers import PreTrainedConfig
 
-from engine.drafters.mtp_heads import MtpHeadDrafter, load_mtp_heads
-from engine.errors import ModelLoadError
-from engine.loading import LoadedModel
+from mtp_mcp.engine.drafters.mtp_heads import MtpHeadDrafter, load_mtp_heads
+from mtp_mcp.engine.errors import ModelLoadError
+from mtp_mcp.engine.loading import LoadedModel
 
 QWEN_MTP_TENSORS = re.compile(r"^mtp\.")
 

@@ -1,7 +1,9 @@
-"""The `mtp-mcp` command line: generate (one request), serve (the MCP server), bench (benchmarks).
+"""The `mtp-mcp` command line: generate (one request), serve (the MCP server), bench (benchmarks), install (add the
+server to an MCP host). It sits above the engine, the server and the benchmarks; none of them imports it.
 
 stdout carries only results (or, for `serve` on stdio, the MCP protocol); progress and logs go to stderr.
-Bad input exits with status 2 and one sentence on stderr.
+Bad input exits with status 2 and one sentence on stderr. Only light modules are imported until a command runs, so
+`--help` and a bad option answer at once; torch and transformers come with the engine.
 """
 
 from __future__ import annotations
@@ -11,11 +13,20 @@ import json
 import logging
 import sys
 
-from engine.drafters import DRAFTER_NAMES
-from engine.engine import DEFAULT_NUM_DRAFT_TOKENS, Engine, EngineOptions
-from engine.errors import EngineError, InvalidRequestError, ModelLoadError
-from engine.loading import QUANTIZE_CHOICES
-from engine.request import GenerationRequest
+from mtp_mcp.benchmarks.cli import add_bench_arguments
+from mtp_mcp.engine.errors import EngineError, InvalidRequestError, ModelLoadError
+from mtp_mcp.engine.options import (
+    DEFAULT_MAX_QUEUED_REQUESTS,
+    DEFAULT_NUM_DRAFT_TOKENS,
+    DEVICE_CHOICES,
+    DRAFTER_NAMES,
+    DTYPE_CHOICES,
+    QUANTIZE_CHOICES,
+    EngineOptions,
+)
+from mtp_mcp.engine.request import GenerationRequest
+from mtp_mcp.server.cli import add_serve_arguments
+from mtp_mcp.server.host_install import add_install_arguments
 
 USAGE_ERROR = 2
 
@@ -29,8 +40,8 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--draft-model", help="draft model for --drafter draft-model (same tokenizer as the target), or a Gemma 4 assistant for --drafter mtp")
     group.add_argument("--num-draft-tokens", type=int, default=DEFAULT_NUM_DRAFT_TOKENS,
                        help=f"most tokens drafted per target pass (default: {DEFAULT_NUM_DRAFT_TOKENS})")
-    group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    group.add_argument("--device", default="auto", choices=list(DEVICE_CHOICES))
+    group.add_argument("--dtype", default="auto", choices=list(DTYPE_CHOICES),
                        help="auto: float32 on CPU, bfloat16 on CUDA")
     group.add_argument("--quantize", default="auto", choices=list(QUANTIZE_CHOICES),
                        help="weights of the linear layers and embedding: auto (int8 for a .gguf on CPU, as loaded "
@@ -40,6 +51,7 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
 
 def engine_options(args: argparse.Namespace) -> EngineOptions:
     return EngineOptions(
+        max_queued_requests=getattr(args, "max_queued_requests", DEFAULT_MAX_QUEUED_REQUESTS),
         model=args.model,
         drafter=args.drafter,
         draft_model=args.draft_model,
@@ -66,20 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object with text, token_ids, "
                      "finish_reason and stats instead of streaming text")
     add_engine_options(gen)
-
-    from server.cli import add_serve_parser
-
-    add_serve_parser(commands)
-
-    from benchmarks.cli import add_bench_parser
-
-    add_bench_parser(commands)
+    add_engine_options(add_serve_arguments(commands))
+    add_engine_options(add_bench_arguments(commands))
+    add_install_arguments(commands, add_engine_options)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(stream=sys.stderr, level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(stream=sys.stderr, level=getattr(args, "log_level", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command != "install":  # install passes on only the engine options given, as serve arguments
+        args.engine_options = engine_options(args)
     try:
         return args.run(args) if hasattr(args, "run") else run_generate(args)
     except (InvalidRequestError, ModelLoadError) as error:
@@ -103,7 +113,9 @@ def run_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=tuple(args.stop),
     )
-    engine = Engine.load(engine_options(args))
+    from mtp_mcp.engine.engine import Engine
+
+    engine = Engine.load(args.engine_options)
     on_text = None if args.json else (lambda text, _: print(text, end="", flush=True))
     handle = engine.submit(request, on_text)
     try:
