@@ -7,6 +7,7 @@ their one-sentence message; nothing else about the server's insides reaches the 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -17,12 +18,13 @@ from fastmcp import Context, FastMCP
 from fastmcp.exceptions import ToolError
 from fastmcp.server.auth import AuthProvider
 from fastmcp.server.lifespan import lifespan
+from fastmcp.server.middleware import Middleware, MiddlewareContext
 from mcp.types import ToolAnnotations
 from pydantic import Field
 
 from mtp_mcp.engine.errors import EngineError, InvalidRequestError
 from mtp_mcp.server.argument_errors import OneSentenceArgumentErrors
-from mtp_mcp.server.disconnect import cancelled_when_client_leaves
+from mtp_mcp.server.call_watch import CallWatch
 from mtp_mcp.server.prompts import CodeBoundary, Prompt, chat_prompt, continuation_prompt
 from mtp_mcp.server.resident import LoadedEngine, ResidentEngine
 from mtp_mcp.server.schemas import (
@@ -52,11 +54,24 @@ INSTRUCTIONS = (
 READ_ONLY = ToolAnnotations(readOnlyHint=True, destructiveHint=False, idempotentHint=False, openWorldHint=False)
 
 
+class ToolsListed(Middleware):
+    """Sets `event` once a client has listed the tools: the model may start loading (server/resident.py)."""
+
+    def __init__(self):
+        self.event = asyncio.Event()
+
+    async def on_list_tools(self, context: MiddlewareContext, call_next):
+        try:
+            return await call_next(context)
+        finally:
+            self.event.set()
+
+
 @asynccontextmanager
-async def tool_call() -> AsyncIterator[None]:
+async def tool_call(call_watch: CallWatch) -> AsyncIterator[None]:
     """The frame of every tool call: engine errors carry one sentence meant for the user and become the tool error;
-    over HTTP, a client that goes away cancels its call (server/disconnect.py)."""
-    async with cancelled_when_client_leaves():
+    over HTTP, a client that goes away or a server that shuts down stops the call (server/call_watch.py)."""
+    async with call_watch.stopped_when_client_leaves_or_server_stops():
         try:
             yield
         except EngineError as error:
@@ -67,17 +82,23 @@ def create_server(engine: Engine | Callable[[], Engine], *, auth: AuthProvider |
     """engine: a ready engine (tests inject a tiny one; the caller closes it), or a function that loads one, called
     once in the background when the server starts; that engine is closed when the server stops."""
 
+    tools_listed = ToolsListed()
+    call_watch = CallWatch()
+
     @lifespan
     async def engine_lifespan(server: FastMCP):
         resident = ResidentEngine(engine)
-        resident.start()
+        background = [asyncio.create_task(resident.start_loading_after(tools_listed.event)),
+                      asyncio.create_task(call_watch.drain_at_shutdown())]
         try:
             yield {"engine": resident}
         finally:
+            for task in background:
+                task.cancel()
             await resident.close()
 
     mcp = FastMCP("mtp-mcp", instructions=INSTRUCTIONS, version=version("mtp-mcp"), lifespan=engine_lifespan,
-                  mask_error_details=True, auth=auth, middleware=[OneSentenceArgumentErrors()])
+                  mask_error_details=True, auth=auth, middleware=[OneSentenceArgumentErrors(), tools_listed])
 
     async def loaded_engine(ctx: Context) -> LoadedEngine:
         async def still_loading(seconds: float) -> None:
@@ -109,7 +130,7 @@ def create_server(engine: Engine | Callable[[], Engine], *, auth: AuthProvider |
         stop: StopStrings | None = None,
     ) -> GenerationOutput:
         """Generate text with the resident model: continue `prompt`, or reply to `messages`."""
-        async with tool_call():
+        async with tool_call(call_watch):
             if (prompt is None) == (messages is None):
                 raise InvalidRequestError("give exactly one of prompt (text to continue) and messages (a conversation)")
             loaded = await loaded_engine(ctx)
@@ -135,7 +156,7 @@ def create_server(engine: Engine | Callable[[], Engine], *, auth: AuthProvider |
     ) -> CodeCompletion:
         """Complete code at a cursor (greedy). With a fill-in-the-middle model the suffix is used; otherwise the
         prefix is continued and cut where the current block or statement group ends. Returns only the new code."""
-        async with tool_call():
+        async with tool_call(call_watch):
             loaded = await loaded_engine(ctx)
             if loaded.fim_style is not None:
                 built, text_filter, mode = loaded.fim_style.prompt(prefix, suffix), None, "fill_in_the_middle"
@@ -156,7 +177,7 @@ def create_server(engine: Engine | Callable[[], Engine], *, auth: AuthProvider |
         max_words: Annotated[int, Field(ge=10, le=1000, description="most words in the summary")] = 120,
     ) -> Summary:
         """Summarise text. Progress counts tokens over all steps; only the final summary's text is streamed."""
-        async with tool_call():
+        async with tool_call(call_watch):
             if not text.strip():
                 raise InvalidRequestError("the text is empty; give some text to summarise")
             loaded = await loaded_engine(ctx)

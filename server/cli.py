@@ -75,7 +75,15 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.transport == "stdio":
         server.run("stdio", show_banner=False)
     else:
-        server.run("http", show_banner=False, host=args.host, port=args.port, path=args.path)
+        from sse_starlette.sse import AppStatus
+        from starlette.middleware import Middleware
+
+        from mtp_mcp.server.complete_responses import CompleteResponses
+
+        # Streams are closed at shutdown by server/call_watch.py, after the running calls have answered.
+        AppStatus.disable_automatic_graceful_drain()
+        server.run("http", show_banner=False, host=args.host, port=args.port, path=args.path,
+                   middleware=[Middleware(CompleteResponses)])
     return 0
 
 

@@ -2,9 +2,11 @@
 streamable HTTP with a bearer token on a tiny model. Each test starts one server process."""
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -46,12 +48,15 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout_s: float = 120) 
 
 
 @pytest.fixture(scope="module")
-def http_server(tmp_path_factory):
-    # A long context, so that a generation can run long enough to be cut short by a client that goes away.
-    checkpoint = build_tiny_checkpoint(tmp_path_factory.mktemp("http") / "tiny", context_length=8192,
-                                       eos_reachable=False)
+def long_running_checkpoint(tmp_path_factory):
+    # A long context and no reachable EOS, so that a generation runs long enough to be cut short.
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("http") / "tiny", context_length=8192, eos_reachable=False)
+
+
+@contextlib.contextmanager
+def serving_http(checkpoint, log: Path):
+    """An `mtp-mcp serve --transport http` process with a token; yields (its URL, the process)."""
     port = free_port()
-    log = tmp_path_factory.mktemp("http-log") / "server.log"
     with open(log, "w") as stderr:
         process = subprocess.Popen(
             [MTP_MCP, "serve", "--transport", "http", "--port", str(port), "--model", str(checkpoint),
@@ -60,10 +65,17 @@ def http_server(tmp_path_factory):
         )
     try:
         wait_for_port(port, process)
-        yield f"http://127.0.0.1:{port}/mcp", log
+        yield f"http://127.0.0.1:{port}/mcp", process
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def http_server(long_running_checkpoint, tmp_path_factory):
+    log = tmp_path_factory.mktemp("http-log") / "server.log"
+    with serving_http(long_running_checkpoint, log) as (url, _):
+        yield url, log
 
 
 def test_http_refuses_a_request_without_the_token(http_server):
@@ -132,7 +144,30 @@ async def test_an_http_client_that_is_killed_mid_call_stops_its_generation(http_
     assert after["new_tokens"] - before["new_tokens"] < 4000
     assert answer.structured_content["completion_tokens"] == 4
     if mode == "legacy":  # the 2026 protocol's own disconnect handling may come first
-        assert "client of a running call disconnected" in log.read_text()
+        assert "stopping a running call: the client disconnected" in log.read_text()
+
+
+async def test_shutdown_with_clients_connected_ends_their_calls_and_streams_cleanly(long_running_checkpoint, tmp_path):
+    log = tmp_path / "server.log"
+    with serving_http(long_running_checkpoint, log) as (url, server):
+        async with Client(url, auth=TOKEN, mode="legacy") as idle, Client(url, auth=TOKEN, mode="legacy") as busy:
+            await idle.call_tool("generate", {"prompt": "Warm", "max_new_tokens": 1})
+            started = asyncio.Event()
+
+            async def on_progress(progress, total, message):
+                started.set()
+
+            call = asyncio.create_task(busy.call_tool(
+                "generate", {"prompt": "Once upon a time", "max_new_tokens": 8000}, progress_handler=on_progress,
+                raise_on_error=False))
+            await asyncio.wait_for(started.wait(), 120)
+            server.send_signal(signal.SIGTERM)  # as a service manager stops it
+            result = await asyncio.wait_for(call, 60)
+        await asyncio.to_thread(server.wait, 60)
+    assert result.is_error and "the server is shutting down" in result.content[0].text
+    text = log.read_text()
+    assert "Finished server process" in text
+    assert "ERROR" not in text  # e.g. "ASGI callable returned without completing response."
 
 
 def test_serving_beyond_loopback_without_a_token_is_refused(monkeypatch, capsys):
