@@ -224,6 +224,7 @@ class OracleDrafter:
     each of its k drafts correctly with probability p, else a wrong token."""
 
     name = "oracle"
+    reads_prompt_hidden_states = False
 
     def __init__(self, reference: list[int], p: float, k: int, vocab_size: int, rng: random.Random):
         self._reference, self._p, self._k, self._vocab_size, self._rng = reference, p, k, vocab_size, rng

@@ -35,8 +35,11 @@ def generate(
     context_length: int,
     cancel: threading.Event | None = None,
     on_text: TextCallback | None = None,
+    reuse_prefix: bool = False,
 ) -> GenerationResult:
-    """Runs the speculative decode loop. The prompt must already fit: len(prompt_ids) + max_new_tokens <= context."""
+    """Runs the speculative decode loop. The prompt must already fit: len(prompt_ids) + max_new_tokens <= context.
+    reuse_prefix: keep what the target's cache already holds of the prompt (TargetModel.prefill); never for drafters
+    that read the hidden states of every prompt position."""
     started = time.perf_counter()
     stats = GenerationStats(drafter=drafter.name, prompt_tokens=len(prompt_ids))
     sampling = request.sampling
@@ -46,11 +49,13 @@ def generate(
     else:
         generator.manual_seed(request.seed)
 
-    new_hidden = target.prefill(prompt_ids[:-1], cancel)
+    reuse_prefix = reuse_prefix and not drafter.reads_prompt_hidden_states
+    new_hidden = target.prefill(prompt_ids[:-1], cancel, reuse=reuse_prefix)
     stats.prefill_time_s = time.perf_counter() - started
     if new_hidden is None:  # cancelled between two chunks of the prompt
         stats.total_time_s = time.perf_counter() - started
         return GenerationResult(text="", token_ids=[], finish_reason="cancelled", stats=stats)
+    stats.prompt_tokens_reused = len(prompt_ids) - 1 - len(new_hidden)
     drafter.begin(prompt_ids, sampling, generator)
 
     tokens = list(prompt_ids)

@@ -29,6 +29,10 @@ from mtp_mcp.engine.target import TargetModel
 
 log = logging.getLogger(__name__)
 
+# The prefix cache keeps the last request's target cache unless it is larger than this (Gemma 3 270M: ~0.2 MB per
+# token in float32, so a few thousand tokens; a large model's long context is dropped instead).
+PREFIX_CACHE_MAX_BYTES = 1 << 30
+
 class GenerationHandle:
     """A submitted request: cancel it, or wait for its result."""
 
@@ -49,10 +53,12 @@ class GenerationHandle:
 
 class Engine:
     def __init__(
-        self, loaded: LoadedModel, drafter: Drafter, max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS
+        self, loaded: LoadedModel, drafter: Drafter, max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS,
+        prefix_cache: bool = True,
     ):
         self.loaded = loaded
         self.drafter = drafter
+        self.prefix_cache = prefix_cache
         self.totals = EngineTotals()
         self._target = TargetModel(loaded.model)
         self._target.check_output_path()
@@ -75,7 +81,7 @@ class Engine:
         # is built, so drafters that share the target's output layer get it too.
         use_cpu_kernels(loaded.model)
         drafter = create_drafter(options.drafter, loaded, options.draft_model, options.num_draft_tokens)
-        engine = cls(loaded, drafter, options.max_queued_requests)
+        engine = cls(loaded, drafter, options.max_queued_requests, options.prefix_cache)
         # Loading and packing freed large temporaries; give them back before the engine serves (engine/memory.py).
         release_freed_memory()
         log.info("engine ready: %s on %s (%s), drafter %s", loaded.name, loaded.device, loaded.dtype, drafter.name)
@@ -91,6 +97,7 @@ class Engine:
             "weights": self.loaded.quantization,
             "context_length": self.loaded.context_length,
             "drafter": self.drafter.name,
+            "prefix_cache": self.prefix_cache,
             "has_chat_template": bool(getattr(self.loaded.tokenizer, "chat_template", None)),
             "cpu_kernels": cpu_kernels_in_use(self.loaded.model),
         }
@@ -153,8 +160,12 @@ class Engine:
                 else:
                     message = f"generation failed inside the engine ({type(error).__name__}: {error})"
                 outcome = EngineError(message)
-            # Caches are freed before the caller hears back, so a result never arrives with the memory still held.
-            self._target.release()
+            # Caches are freed before the caller hears back, so a result never arrives with the memory still held;
+            # the prefix cache keeps the target's after a request that ended normally, within its budget.
+            keep = (self.prefix_cache and not isinstance(outcome, EngineError)
+                    and self._target.cache_bytes() <= PREFIX_CACHE_MAX_BYTES)
+            if not keep:
+                self._target.release()
             self.drafter.release()
             if isinstance(outcome, EngineError):
                 handle.future.set_exception(outcome)
@@ -188,6 +199,7 @@ class Engine:
             context,
             cancel=handle.cancelled,
             on_text=handle.on_text,
+            reuse_prefix=self.prefix_cache,
         )
         with self._totals_lock:
             self.totals.add(result.stats)

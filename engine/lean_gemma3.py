@@ -114,6 +114,9 @@ class LeanGemma3:
         """Forgets the last n_tokens fed."""
         self.length -= n_tokens
 
+    def reserved_bytes(self) -> int:
+        return sum(tensor.nbytes for tensor in (*self._keys, *self._values))
+
     def key_value_states(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of one layer's cached keys and values, [1, kv_heads, length, head_dim] each."""
         return (self._keys[layer_index][:, : self.length].unsqueeze(0),

@@ -35,6 +35,7 @@ class EngineOptions:
     dtype: str = "auto"
     quantize: str = "auto"  # auto (int8 for a GGUF on CPU, else none), none, int8
     max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS
+    prefix_cache: bool = True  # keep the last request's cache; a prompt that starts the same prefills only the rest
 
 
 def check_options(options: EngineOptions) -> None:

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 class GenerationStats:
     drafter: str = ""
     prompt_tokens: int = 0
+    prompt_tokens_reused: int = 0  # leading prompt tokens whose states the prefix cache already held
     new_tokens: int = 0
     target_passes: int = 0  # target forward passes while decoding (the prefill is not counted)
     draft_tokens_proposed: int = 0
@@ -36,7 +37,7 @@ class GenerationStats:
     def add(self, other: GenerationStats) -> None:
         """Adds another generation's counts and times to these (for one answer made of several generations).
         The drafter and the time to first token stay this one's."""
-        for name in ("prompt_tokens", "new_tokens", "target_passes", "draft_tokens_proposed", "draft_tokens_accepted",
+        for name in ("prompt_tokens", "prompt_tokens_reused", "new_tokens", "target_passes", "draft_tokens_proposed", "draft_tokens_accepted",
                      "prefill_time_s", "drafting_time_s", "verifying_time_s", "total_time_s"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for mine, theirs in ((self.proposed_at, other.proposed_at), (self.accepted_at, other.accepted_at)):
@@ -79,6 +80,7 @@ class EngineTotals:
 
     requests: int = 0
     prompt_tokens: int = 0
+    prompt_tokens_reused: int = 0
     new_tokens: int = 0
     target_passes: int = 0
     draft_tokens_proposed: int = 0
@@ -88,6 +90,7 @@ class EngineTotals:
     def add(self, stats: GenerationStats) -> None:
         self.requests += 1
         self.prompt_tokens += stats.prompt_tokens
+        self.prompt_tokens_reused += stats.prompt_tokens_reused
         self.new_tokens += stats.new_tokens
         self.target_passes += stats.target_passes
         self.draft_tokens_proposed += stats.draft_tokens_proposed

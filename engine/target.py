@@ -20,6 +20,12 @@ position, and transformers' kernels (torch and FLA) return only the final one; t
 kernel into transformers' module, which the engine must not do to a model it does not own. Until transformers offers
 such a kernel, the engine snapshots and re-runs: exact, through the public cache API, and at no measurable cost when
 all drafts pass.
+
+Prefix cache across requests: the cache of the last request is kept (`ids` says which tokens it holds), and the next
+prefill feeds only what follows the longest prefix it shares with them. Only what is exact is reused: any prefix in
+the lean Gemma 3 cache and in attention-only caches (cropping keys/values is exact); in caches with sliding-window
+layers (which no longer hold what fell out of the window) or recurrent states (which hold only the state after the
+last token), only the whole kept sequence, when the new prompt extends it.
 """
 
 from __future__ import annotations
@@ -75,6 +81,8 @@ class TargetModel:
         self._argmax_screen = getattr(self._lm_head, "argmax_screen", None) if order_kept else None
         self._dot_error_factor = dot_error_factor(self._lm_head.in_features)
         self.cache: DynamicCache | None = None
+        # The tokens whose states the cache holds, in order (the lean cache's too): what a later prefill can reuse.
+        self.ids: list[int] = []
         # Gemma 3 with int8 weights runs its own lean pass and cache (engine/lean_gemma3.py) instead of transformers'
         # modules and DynamicCache; `cache` then stays None.
         self._lean = LeanGemma3(model) if lean_gemma3_supported(model) else None
@@ -99,10 +107,47 @@ class TargetModel:
         return all(all(layer.is_recurrent_states_initialized.values()) for layer in self._recurrent_layers)
 
     @torch.inference_mode()
-    def prefill(self, token_ids: list[int], cancel: threading.Event | None = None) -> torch.Tensor | None:
-        """Starts a new sequence (the previous cache is dropped, so its memory is freed) with token_ids in the cache,
-        possibly none, fed in chunks of prefill_chunk_tokens. Returns their final hidden states [n, H], or None when
-        `cancel` was set between two chunks (a long prompt takes minutes on CPU); the next prefill starts afresh."""
+    def prefill(self, token_ids: list[int], cancel: threading.Event | None = None, reuse: bool = False
+                ) -> torch.Tensor | None:
+        """Puts token_ids (possibly none) in the cache, fed in chunks of prefill_chunk_tokens, as the start of a new
+        sequence. With `reuse`, the longest prefix the cache already holds exactly (see the module doc) is kept and
+        only the rest is fed; otherwise the previous cache is dropped first, so its memory is freed.
+
+        Returns the final hidden states of the tokens fed, [n, H]: the last n of token_ids, the others were reused.
+        None when `cancel` was set between two chunks (a long prompt takes minutes on CPU)."""
+        reused = self._reusable_prefix(token_ids) if reuse else 0
+        if reused:
+            self._crop_to(reused)
+        else:
+            self._start_sequence()
+        fed = []
+        for start in range(reused, len(token_ids), self.prefill_chunk_tokens):
+            if cancel is not None and cancel.is_set():
+                return None
+            fed.append(self._feed(token_ids[start : start + self.prefill_chunk_tokens]))
+            if self.cache is not None:
+                # A prefill is never rolled back: drop at once what sliding-window layers hold back for a rollback,
+                # so that they keep one window, not the whole prompt.
+                self.cache.crop(0)
+        if not fed:  # nothing new: its last token (not in the cache) is the first input of the first step
+            hidden_size = self.model.config.get_text_config().hidden_size
+            return torch.empty(0, hidden_size, dtype=self.model.dtype, device=self.device)
+        return torch.cat(fed)
+
+    def _reusable_prefix(self, token_ids: list[int]) -> int:
+        common = 0
+        for held, wanted in zip(self.ids, token_ids):
+            if held != wanted:
+                break
+            common += 1
+        if self._lean is not None:
+            return common
+        if self.cache is None:
+            return 0
+        only_whole = self._recurrent_layers or any(getattr(layer, "is_sliding", False) for layer in self.cache.layers)
+        return common if common == len(self.ids) or not only_whole else 0
+
+    def _start_sequence(self) -> None:
         self.release()
         if self._lean is None:
             self.cache = DynamicCache(config=self.model.config)
@@ -111,26 +156,30 @@ class TargetModel:
             self.cache.activate_past_recording()
             self._recurrent_layers = [layer for layer in self.cache.layers
                                       if isinstance(layer, LinearAttentionCacheLayerMixin)]
-        if not token_ids:  # a one-token prompt: its only token is the first input of the first step
-            hidden_size = self.model.config.get_text_config().hidden_size
-            return torch.empty(0, hidden_size, dtype=self.model.dtype, device=self.device)
-        hidden = []
-        for start in range(0, len(token_ids), self.prefill_chunk_tokens):
-            if cancel is not None and cancel.is_set():
-                return None
-            hidden.append(self._feed(token_ids[start : start + self.prefill_chunk_tokens]))
-            if self.cache is not None:
-                # A prefill is never rolled back: drop at once what sliding-window layers hold back for a rollback,
-                # so that they keep one window, not the whole prompt.
-                self.cache.crop(0)
-        return torch.cat(hidden)
+
+    def _crop_to(self, length: int) -> None:
+        """Keeps the states of the first `length` tokens (exact for what _reusable_prefix allows)."""
+        if self._lean is not None:
+            self._lean.crop(self._lean.length - length)
+        elif length < len(self.ids):
+            self.cache.crop(length - len(self.ids))  # negative: that many tokens removed
+        del self.ids[length:]
 
     def release(self) -> None:
-        """Drops the cache between requests so its memory does not outlive the request."""
+        """Drops the cache, so its memory does not outlive the request (or the prefix cache's budget)."""
         self.cache = None
+        self.ids = []
         if self._lean is not None:
             self._lean.reset()
         self._last_fed, self._recurrent_before, self._recurrent_layers = [], [], []
+
+    def cache_bytes(self) -> int:
+        """Memory the cache holds now (for the lean cache: what it has reserved)."""
+        if self._lean is not None:
+            return self._lean.reserved_bytes()
+        if self.cache is None:
+            return 0
+        return sum(_tensor_bytes(value) for layer in self.cache.layers for value in vars(layer).values())
 
     @torch.inference_mode()
     def forward(self, token_ids: list[int], logits_for_last: int | None = None) -> TargetOutput:
@@ -224,6 +273,7 @@ class TargetModel:
         """Forgets the last n_tokens fed by the last forward (rejected drafts). Called after every verification,
         with 0 when all drafts were kept: that also trims the states that sliding-window layers and convolution
         states held back for a possible rollback."""
+        del self.ids[len(self.ids) - n_tokens :]
         if self._lean is not None:
             self._lean.crop(n_tokens)
             return
@@ -233,6 +283,7 @@ class TargetModel:
         # Hybrid: cut every layer back to before the last forward (attention keys/values and convolution states
         # crop exactly), put the recurrent states back, then feed the accepted tokens again.
         accepted = self._last_fed[: len(self._last_fed) - n_tokens]
+        del self.ids[len(self.ids) - len(accepted) :]  # _feed below appends them again
         self.cache.crop(-len(self._last_fed))
         for layer, state_index, before in self._recurrent_before:
             layer.recurrent_states[state_index].copy_(before)
@@ -252,6 +303,7 @@ class TargetModel:
 
     def _feed(self, token_ids: list[int]) -> torch.Tensor:
         """Runs the decoder over token_ids on top of the cache; returns the final hidden states [n, H]."""
+        self.ids += token_ids
         if self._lean is not None:
             return self._lean.feed(token_ids)
         input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
@@ -267,3 +319,14 @@ class TargetModel:
             for index, initialized in layer.is_recurrent_states_initialized.items()
             if initialized
         ]
+
+
+def _tensor_bytes(value: object) -> int:
+    """Bytes of the tensors in a cache layer's attribute: a tensor, or a dict or list of them (recurrent states)."""
+    if isinstance(value, torch.Tensor):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(item) for item in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_tensor_bytes(item) for item in value)
+    return 0

@@ -46,6 +46,8 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--quantize", default="auto", choices=list(QUANTIZE_CHOICES),
                        help="weights of the linear layers and embedding: auto (int8 for a .gguf on CPU, as loaded "
                        "from its blocks; otherwise what the checkpoint is), none (float), int8 (CPU, float32)")
+    group.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                       help="do not keep the last request's cache for a next prompt that starts the same way")
     group.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
@@ -59,6 +61,7 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
         device=args.device,
         dtype=args.dtype,
         quantize=args.quantize,
+        prefix_cache=args.prefix_cache,
     )
 
 

@@ -144,6 +144,9 @@ def _serve_arguments(args: argparse.Namespace) -> list[str]:
     for option, value in vars(args).items():
         if option in _INSTALL_ONLY or value is None:
             continue
+        if isinstance(value, bool):  # a flag, given: --no-prefix-cache is the only kind (store_false)
+            serve_arguments.append(f"--no-{option.replace('_', '-')}")
+            continue
         if option in ("model", "draft_model") and Path(value).expanduser().exists():
             value = str(Path(value).expanduser().resolve())
         serve_arguments += [f"--{option.replace('_', '-')}", str(value)]

@@ -69,6 +69,8 @@ class GenerationOutput(BaseModel):
                                         "the current code block or statement group ended; repetition: the "
                                         "summary began repeating itself and the repeat was cut; cancelled")
     prompt_tokens: int
+    prompt_tokens_reused: int = Field(description="leading prompt tokens the prefix cache already held from an "
+                                      "earlier call, so they were not read again")
     completion_tokens: int = Field(description="tokens the model generated, including any cut off after a stop")
     speculation: Speculation
     timing: Timing
@@ -79,6 +81,7 @@ class GenerationOutput(BaseModel):
             text=text,
             finish_reason=finish_reason,
             prompt_tokens=stats.prompt_tokens,
+            prompt_tokens_reused=stats.prompt_tokens_reused,
             completion_tokens=stats.new_tokens,
             speculation=Speculation.model_validate(stats.to_dict()),  # the fields it names; the rest is ignored
             timing=Timing(

@@ -43,6 +43,7 @@ class OracleDrafter:
     drafts are rejected in the middle. Checks the target's cache invariant at every proposal."""
 
     name = "oracle"
+    reads_prompt_hidden_states = False
 
     def __init__(self, continuation: list[int], prompt_len: int, num_draft_tokens: int = 4, wrong_every: int = 0):
         self.continuation = continuation

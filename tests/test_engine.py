@@ -113,7 +113,21 @@ def test_requests_from_many_threads_are_all_answered_in_order(engine):
     assert results[0].token_ids == results[1].token_ids  # same request, same greedy answer
 
 
-def test_cache_memory_is_released_after_each_request(engine):
+def test_cache_memory_is_released_after_each_request_without_the_prefix_cache():
+    engine = Engine(tiny_loaded(), PromptLookupDrafter(4), prefix_cache=False)
+    try:
+        engine.generate(GenerationRequest(PROMPT, max_new_tokens=5))
+        assert engine._target.cache is None
+    finally:
+        engine.close()
+
+
+def test_the_prefix_cache_is_dropped_when_it_exceeds_its_budget(engine, monkeypatch):
+    import mtp_mcp.engine.engine as engine_module
+
+    engine.generate(GenerationRequest(PROMPT, max_new_tokens=5))
+    assert engine._target.cache is not None  # kept for the next prompt
+    monkeypatch.setattr(engine_module, "PREFIX_CACHE_MAX_BYTES", engine._target.cache_bytes() - 1)
     engine.generate(GenerationRequest(PROMPT, max_new_tokens=5))
     assert engine._target.cache is None
 
@@ -222,7 +236,7 @@ def test_drafter_caches_are_freed_after_each_request():
     try:
         engine.generate(GenerationRequest(PROMPT, max_new_tokens=8))
         assert drafter._cache is None and drafter._cached_ids == []
-        assert engine._target.cache is None
+        assert engine._target.cache is not None  # the target's is the prefix cache
     finally:
         engine.close()
 

@@ -237,6 +237,7 @@ class PartlyWrongDrafter:
     the middle; at every proposal it checks the target's hybrid state against a from-scratch prefill."""
 
     name = "partly-wrong"
+    reads_prompt_hidden_states = False
 
     def __init__(self, continuation: list[int], prompt_len: int, wrong_every: int):
         self.continuation, self.prompt_len, self.wrong_every = continuation, prompt_len, wrong_every

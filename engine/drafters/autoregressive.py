@@ -10,6 +10,7 @@ from mtp_mcp.engine.request import SamplingParams
 
 class NoDrafter:
     name = "none"
+    reads_prompt_hidden_states = False
 
     def begin(self, prompt_ids: list[int], sampling: SamplingParams, generator: torch.Generator) -> None:
         pass

@@ -42,6 +42,9 @@ class DraftContext:
 
 class Drafter(Protocol):
     name: str
+    # True for drafters that consume the target's hidden state at every prompt position (MTP heads, Gemma 4
+    # assistants): the prompt is then prefilled whole, never partly reused from the prefix cache.
+    reads_prompt_hidden_states: bool
 
     def begin(self, prompt_ids: list[int], sampling: SamplingParams, generator: torch.Generator) -> None:
         """Resets per-request state; called once before the first proposal of every request."""

@@ -16,6 +16,7 @@ from mtp_mcp.engine.target import PREFILL_CHUNK_TOKENS
 
 class DraftModelDrafter:
     name = "draft-model"
+    reads_prompt_hidden_states = False
 
     def __init__(self, model: PreTrainedModel, num_draft_tokens: int, prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS):
         self.model = model

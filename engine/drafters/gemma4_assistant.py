@@ -30,6 +30,8 @@ ASSISTANT_MODEL_TYPES = {"gemma4_assistant": "gemma4", "gemma4_unified_assistant
 
 
 class Gemma4AssistantDrafter:
+    reads_prompt_hidden_states = True
+
     def __init__(self, assistant: PreTrainedModel, target: PreTrainedModel, num_draft_tokens: int):
         self.name = f"mtp:{assistant.config.model_type}"
         self.assistant = assistant

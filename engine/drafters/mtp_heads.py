@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 class MtpHeadDrafter:
     """Drafts with the target's own MTP layers (a transformers MtpModel sharing the target's embedding and head)."""
 
+    reads_prompt_hidden_states = True
+
     def __init__(self, name: str, heads: MtpModel, num_draft_tokens: int):
         self.name = name
         self.heads = heads

@@ -14,6 +14,7 @@ from mtp_mcp.engine.request import SamplingParams
 
 class PromptLookupDrafter:
     name = "ngram"
+    reads_prompt_hidden_states = False
 
     def __init__(self, num_draft_tokens: int, max_ngram: int = 3):
         self.length = AdaptiveDraftLength(num_draft_tokens)
