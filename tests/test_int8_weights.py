@@ -1,6 +1,7 @@
 """Int8 weights (engine/int8_weights.py): rows computed independently of their neighbours, GGUF blocks loaded
 straight into int8, the exact greedy screen over an int8 output layer, and drafting that stays lossless on them."""
 
+import logging
 from pathlib import Path
 
 import gguf
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from test_loading import PROMPT, write_tiny_gguf
 from tiny_checkpoints import build_tiny_checkpoint
 
+from mtp_mcp.engine import gguf_loading
 from mtp_mcp.engine.cpu_kernels import Int8ArgmaxScreen
 from mtp_mcp.engine.drafters.autoregressive import NoDrafter
 from mtp_mcp.engine.drafters.draft_model import DraftModelDrafter
@@ -19,7 +21,7 @@ from mtp_mcp.engine.engine import Engine, EngineOptions
 from mtp_mcp.engine.errors import InvalidRequestError
 from mtp_mcp.engine.int8_weights import Int8Embedding, Int8Linear, quantize_rows
 from mtp_mcp.engine.lean_gemma3 import lean_gemma3_supported
-from mtp_mcp.engine.loading import load_model
+from mtp_mcp.engine.loading import CACHE_DIR_ENV, load_model
 from mtp_mcp.engine.request import GenerationRequest
 from mtp_mcp.engine.target import TargetModel
 
@@ -199,3 +201,42 @@ def test_gemma3_with_float_weights_keeps_transformers_modules(tmp_path: Path):
     path = tmp_path / "tiny-f32.gguf"
     write_tiny_gguf(path)
     assert not lean_gemma3_supported(load_model(str(path), device="cpu", quantize="none").model)
+
+
+def test_later_loads_read_the_int8_rows_kept_by_the_first(tmp_path: Path, monkeypatch, caplog):
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
+    path = tmp_path / "tiny-q.gguf"
+    write_tiny_gguf(path, BLOCKS)
+    first = load_model(str(path), device="cpu", progress=False)
+    (kept,) = (tmp_path / "cache").rglob(gguf_loading.INT8_ROWS)
+
+    dequantized_kinds = []
+    real_dequantize = gguf_loading.dequantize
+
+    def recording_dequantize(data, kind):
+        dequantized_kinds.append(kind)
+        return real_dequantize(data, kind)
+
+    monkeypatch.setattr(gguf_loading, "dequantize", recording_dequantize)
+    later = load_model(str(path), device="cpu", progress=False)
+    assert not set(dequantized_kinds) & set(BLOCKS)  # only the float tensors (norms) were read from the file
+    rows = {name: module for name, module in first.model.named_modules() if isinstance(module, Int8Linear)}
+    assert rows
+    for name, module in later.model.named_modules():
+        if isinstance(module, Int8Linear):
+            assert torch.equal(module.quantized, rows[name].quantized) and torch.equal(module.scale, rows[name].scale)
+    request = GenerationRequest(PROMPT, max_new_tokens=12)
+    engines = [Engine(loaded, NoDrafter()) for loaded in (first, later)]
+    try:
+        assert engines[0].generate(request).token_ids == engines[1].generate(request).token_ids
+    finally:
+        for engine in engines:
+            engine.close()
+
+    kept.write_bytes(b"not safetensors")  # a damaged file: ignored with a warning, made again
+    dequantized_kinds.clear()
+    with caplog.at_level(logging.WARNING):
+        again = load_model(str(path), device="cpu", progress=False)
+    assert "ignoring the kept int8 weights" in caplog.text and set(dequantized_kinds) & set(BLOCKS)
+    assert isinstance(again.model.get_input_embeddings(), Int8Embedding)
+    assert gguf_loading._read_int8_rows(kept)  # readable again
