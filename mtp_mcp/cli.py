@@ -16,7 +16,6 @@ import sys
 from mtp_mcp.benchmarks.cli import add_bench_arguments
 from mtp_mcp.engine.errors import EngineError, InvalidRequestError, ModelLoadError
 from mtp_mcp.engine.options import (
-    DEFAULT_MAX_QUEUED_REQUESTS,
     DEFAULT_NUM_DRAFT_TOKENS,
     DEVICE_CHOICES,
     DRAFTER_NAMES,
@@ -52,17 +51,9 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_options(args: argparse.Namespace) -> EngineOptions:
-    return EngineOptions(
-        max_queued_requests=getattr(args, "max_queued_requests", DEFAULT_MAX_QUEUED_REQUESTS),
-        model=args.model,
-        drafter=args.drafter,
-        draft_model=args.draft_model,
-        num_draft_tokens=args.num_draft_tokens,
-        device=args.device,
-        dtype=args.dtype,
-        quantize=args.quantize,
-        prefix_cache=args.prefix_cache,
-    )
+    """The EngineOptions fields that the command's arguments give (the same names); the others keep their
+    defaults (max_queued_requests: only serve has it)."""
+    return EngineOptions(**{name: getattr(args, name) for name in EngineOptions.__slots__ if hasattr(args, name)})
 
 
 def build_parser() -> argparse.ArgumentParser:
