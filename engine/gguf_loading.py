@@ -10,7 +10,7 @@ block formats. Two costs shape this module:
 - The weights: each tensor is dequantized by gguf-py (a few seconds for the whole of Gemma 3 270M) and either kept
   as float (quantize=False) or turned into int8 per row at once (engine/int8_weights.py), in chunks of rows for the
   large embedding, so that the model never exists in float32 as a whole. The int8 rows of the first int8 load are
-  kept beside the description (INT8_ROWS, the size of the int8 weights: 0.28 GB for Gemma 3 270M) and read back by
+  kept beside the description (INT8_ROWS, the size of the int8 weights: 0.27 GB for Gemma 3 270M) and read back by
   later loads, which skips the dequantization and quantization (5.6 s of a 23 s start on 2 cores). A file that
   cannot be read is ignored with a warning and made again.
 """

@@ -55,7 +55,7 @@ class ResidentEngine:
         self._loaded: Future[LoadedEngine] = Future()
         # Running from the start: a cancelled waiter must never cancel the shared load.
         self._loaded.set_running_or_notify_cancel()
-        self._load_started = threading.Event()
+        self._load_started = False  # read and set on the event loop only
         self.started_at = time.time()
 
     def start(self) -> None:
@@ -64,8 +64,8 @@ class ResidentEngine:
             if not self._loaded.done():
                 self._loaded.set_result(LoadedEngine(self._source))
             return
-        if not self._load_started.is_set():
-            self._load_started.set()
+        if not self._load_started:
+            self._load_started = True
             threading.Thread(target=self._load, name="mtp-load", daemon=True).start()
 
     async def start_loading_after(self, tools_listed: asyncio.Event) -> None:
