@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from mtp_mcp.benchmarks.agent_trace import records_json, run_agent_trace, summarise_trace, trace_table
 from mtp_mcp.benchmarks.cli import DEFAULT_REPEATS, DEFAULT_VERIFY_COST_TRIALS
 from mtp_mcp.benchmarks.llama_cpp import LlamaCppMethod, llama_cpp_missing
 from mtp_mcp.benchmarks.memory import PeakMemory
@@ -43,6 +44,8 @@ def run_bench(args: argparse.Namespace) -> int:
     _check_optional_packages(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.agent_trace:
+        return _run_agent_trace(args)
     # transformers runs the float model (a GGUF dequantized): the reference every engine row is checked against.
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, quantize="none")
     memory = PeakMemory(loaded.device)
@@ -135,6 +138,23 @@ def _run_verify_cost(args: argparse.Namespace, loaded: LoadedModel, meta: dict) 
         write_json(args.json, document)
     if args.plot:
         plot_verify_cost(args.plot, costs, f"{_setup(meta)}, {VERIFY_COST_CACHE_TOKENS}-token cache\n{meta['processor']}")
+    return 0
+
+
+def _run_agent_trace(args: argparse.Namespace) -> int:
+    """The engine's model only (what the server would load), no transformers reference: the set-ups are checked
+    against each other, and plain decoding against transformers in the other benchmarks."""
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    use_cpu_kernels(loaded.model)
+    meta = machine_info() | {
+        "model": loaded.name, "device": str(loaded.device), "dtype": str(loaded.dtype).removeprefix("torch."),
+        "weights": loaded.quantization, "load_average_before": os.getloadavg(),
+    }
+    records = run_agent_trace(loaded)
+    print(trace_table(records))
+    if args.json:
+        write_json(args.json, {"meta": meta | {"load_average_after": os.getloadavg()},
+                               "summary": summarise_trace(records), "calls": records_json(records)})
     return 0
 
 

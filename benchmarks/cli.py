@@ -3,6 +3,8 @@ read by every `mtp-mcp` invocation, which must not import torch).
 
     mtp-mcp bench                   every method x workload, interleaved; table on stdout, progress on stderr
     mtp-mcp bench --verify-cost     one greedy verification step over n = 1..16 positions, as ratios to n = 1
+    mtp-mcp bench --agent-trace     a coding agent's session of tool calls, replayed by plain decoding, per-request
+                                    ngram and the server's defaults (suffix drafter, prefix cache)
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ def add_bench_arguments(commands: argparse._SubParsersAction) -> argparse.Argume
                         help=f"instead: time one greedy verification step (target forward + greedy tokens) over "
                         f"n = {', '.join(map(str, VERIFY_COST_POSITIONS))} positions "
                         f"with {VERIFY_COST_CACHE_TOKENS} tokens in the cache, stock modules vs the engine's CPU kernels")
+    parser.add_argument("--agent-trace", action="store_true",
+                        help="instead: replay a coding agent's session of tool calls (benchmarks/workloads/agent) "
+                        "through the MCP server with plain decoding, per-request ngram without a prefix cache, and "
+                        "the defaults (suffix drafter, prefix cache, drafts cut to what pays); per call and overall")
     parser.add_argument("--threads", type=_positive_int,
                         help="torch CPU threads for the whole run (default: torch's, one per core); on a machine "
                         "shared with other busy processes, 1 avoids threads waiting for each other at every operation")

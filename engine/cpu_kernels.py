@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from mtp_mcp.engine.int8_weights import Int8Linear, split_levels, split_residue, two_level_product
+from mtp_mcp.engine.row_attention import use_row_attention
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +193,12 @@ def use_cpu_kernels(model: torch.nn.Module) -> int:
     screenable = getattr(head, "bias", None) is None
     if isinstance(head, Int8Linear):  # int8 weights (engine/int8_weights.py): screen the layer's own rows
         head.argmax_screen = Int8ArgmaxScreen(head) if screenable else None
-        log.info("CPU kernels: int8 weights%s", ", int8 argmax screen for greedy decoding" if screenable else "")
+        # The int8 levels magnify the attention kernel's shape-dependent rounding into other tokens: one row at a
+        # time keeps verification equal to plain decoding (the lean Gemma 3 pass does the same on its own).
+        row_attention = use_row_attention(model)
+        log.info("CPU kernels: int8 weights%s%s", ", int8 argmax screen for greedy decoding" if screenable else "",
+                 "" if row_attention else "; this model's attention cannot run one row at a time, so a verification "
+                 "pass may round differently from plain decoding")
         return 0
     parameter = next(model.parameters())
     usable = (

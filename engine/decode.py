@@ -1,8 +1,12 @@
-"""One request, start to finish: prefill, then propose -> verify -> accept -> roll back, until a stop.
+"""One request, start to finish: prefill, then propose -> cut -> verify -> accept -> roll back, until a stop.
 
     tokens:  [ prompt ............ | generated ....... x ]   x = last committed token, not in the cache yet
     step:    feed [x, d_1 .. d_k] to the target (one pass), verify, keep d_1 .. d_n and the target's own token,
              drop the k - n rejected states from the cache.
+
+With a VerifyCostCurve, engine.draft_payoff cuts each draft to what is expected to pay (possibly nothing) and
+pauses a drafter that keeps losing; the drafter then gets the target states of the skipped steps at its next
+proposal.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from collections.abc import Callable
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from mtp_mcp.engine.drafters.base import DraftContext, Drafter
+from mtp_mcp.engine.draft_payoff import DraftPayoff, VerifyCostCurve
+from mtp_mcp.engine.drafters.base import NO_DRAFT, DraftContext, Drafter
 from mtp_mcp.engine.request import FinishReason, GenerationRequest, GenerationResult
 from mtp_mcp.engine.sampling import probabilities
 from mtp_mcp.engine.stats import GenerationStats
@@ -36,10 +41,13 @@ def generate(
     cancel: threading.Event | None = None,
     on_text: TextCallback | None = None,
     reuse_prefix: bool = False,
+    verify_cost: VerifyCostCurve | None = None,
 ) -> GenerationResult:
     """Runs the speculative decode loop. The prompt must already fit: len(prompt_ids) + max_new_tokens <= context.
     reuse_prefix: keep what the target's cache already holds of the prompt (TargetModel.prefill); never for drafters
-    that read the hidden states of every prompt position."""
+    that read the hidden states of every prompt position.
+    verify_cost: the engine's measured cost of a pass (updated here); given, drafts are cut to what pays, else every
+    drafted token is verified."""
     started = time.perf_counter()
     stats = GenerationStats(drafter=drafter.name, prompt_tokens=len(prompt_ids))
     sampling = request.sampling
@@ -57,6 +65,10 @@ def generate(
         return GenerationResult(text="", token_ids=[], finish_reason="cancelled", stats=stats)
     stats.prompt_tokens_reused = len(prompt_ids) - 1 - len(new_hidden)
     drafter.begin(prompt_ids, sampling, generator)
+    # Sampling with a seed must give the same text every time, and the random numbers it uses depend on the drafts:
+    # so its drafts may depend on this request alone, not on timings (the payoff's cut) or on earlier requests.
+    reproducible = not sampling.greedy and request.seed is not None
+    payoff = DraftPayoff(verify_cost) if verify_cost is not None and not reproducible else None
 
     tokens = list(prompt_ids)
     generated: list[int] = []
@@ -80,7 +92,14 @@ def generate(
         draft_budget = min(request.max_new_tokens - len(generated), context_length - len(tokens)) - 1
         if not target.can_roll_back:
             draft_budget = 0
-        draft = drafter.propose(DraftContext(tokens, draft_budget, new_hidden, target, cancel))
+        asked = payoff is None or payoff.should_draft()
+        if asked:
+            draft = drafter.propose(DraftContext(tokens, draft_budget, new_hidden, target, cancel,
+                                                 use_memory=not reproducible))
+            if payoff is not None:
+                draft = draft.first(payoff.cut(draft.tokens, draft.confidence, len(tokens)))
+        else:
+            draft = NO_DRAFT
         drafted = time.perf_counter()
 
         # Greedy needs only each position's argmax, which the target finds without the full logits.
@@ -90,11 +109,17 @@ def generate(
         else:
             verdict = verify_sampling(draft.tokens, draft.probs, probabilities(scored.logits, sampling), generator)
         target.rollback(len(draft.tokens) - verdict.accepted)
-        drafter.observe(len(draft.tokens), verdict.accepted)
-        new_hidden = scored.hidden[: verdict.accepted + 1]
+        verified = time.perf_counter()
+        if asked:
+            drafter.observe(len(draft.tokens), verdict.accepted)
+            new_hidden = scored.hidden[: verdict.accepted + 1]
+        else:  # the drafter has yet to see the states of the steps it was not asked in
+            new_hidden = torch.cat([new_hidden, scored.hidden[: verdict.accepted + 1]])
         stats.record_step(len(draft.tokens), verdict.accepted)
         stats.drafting_time_s += drafted - step_started
-        stats.verifying_time_s += time.perf_counter() - drafted
+        stats.verifying_time_s += verified - drafted
+        if verify_cost is not None:
+            verify_cost.record(len(draft.tokens) + 1, verified - drafted)
 
         for token in [*draft.tokens[: verdict.accepted], verdict.next_token]:
             tokens.append(token)
@@ -112,7 +137,12 @@ def generate(
                 break
         if stats.time_to_first_token_s == 0.0:
             stats.time_to_first_token_s = time.perf_counter() - started
+        if payoff is not None:
+            payoff.learn(tokens)
+            payoff.step(asked, verdict.accepted + 1, verified - step_started)
 
+    if payoff is not None:
+        stats.drafter_pauses = payoff.pauses
     emit(stop_matcher.flush())
     stats.new_tokens = len(generated)
     stats.total_time_s = time.perf_counter() - started

@@ -17,10 +17,12 @@ import torch
 
 from mtp_mcp.engine.cpu_kernels import cpu_kernels_in_use, use_cpu_kernels
 from mtp_mcp.engine.decode import TextCallback, generate
+from mtp_mcp.engine.draft_payoff import VerifyCostCurve
 from mtp_mcp.engine.drafters import create_drafter
 from mtp_mcp.engine.drafters.base import Drafter
+from mtp_mcp.engine.drafters.suffix import MEMORY_DIR
 from mtp_mcp.engine.errors import EngineBusyError, EngineClosedError, EngineError, InvalidRequestError
-from mtp_mcp.engine.loading import LoadedModel, load_model
+from mtp_mcp.engine.loading import LoadedModel, cache_root, load_model
 from mtp_mcp.engine.memory import release_freed_memory
 from mtp_mcp.engine.options import DEFAULT_MAX_QUEUED_REQUESTS, EngineOptions, check_options
 from mtp_mcp.engine.request import GenerationRequest, GenerationResult
@@ -40,6 +42,7 @@ class GenerationHandle:
         self.request = request
         self.on_text = on_text
         self.cancelled = threading.Event()
+        self.prompt_ids: list[int] = []  # set by the worker once it has encoded the prompt
         self.future: Future[GenerationResult] = Future()
 
     def cancel(self) -> None:
@@ -54,11 +57,14 @@ class GenerationHandle:
 class Engine:
     def __init__(
         self, loaded: LoadedModel, drafter: Drafter, max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS,
-        prefix_cache: bool = True,
+        prefix_cache: bool = True, draft_when_it_pays: bool = True,
     ):
         self.loaded = loaded
         self.drafter = drafter
         self.prefix_cache = prefix_cache
+        # The measured cost of a target pass per number of positions, learned across requests by the decode loop;
+        # None verifies every drafted token (--always-draft).
+        self.verify_cost = VerifyCostCurve() if draft_when_it_pays else None
         self.totals = EngineTotals()
         self._target = TargetModel(loaded.model)
         self._target.check_output_path()
@@ -80,8 +86,9 @@ class Engine:
         # positions cost about as much as one; a no-op unless the model is float32 on CPU. Done before the drafter
         # is built, so drafters that share the target's output layer get it too.
         use_cpu_kernels(loaded.model)
-        drafter = create_drafter(options.drafter, loaded, options.draft_model, options.num_draft_tokens)
-        engine = cls(loaded, drafter, options.max_queued_requests, options.prefix_cache)
+        memory_dir = cache_root() / MEMORY_DIR if options.drafter_memory else None
+        drafter = create_drafter(options.drafter, loaded, options.draft_model, options.num_draft_tokens, memory_dir)
+        engine = cls(loaded, drafter, options.max_queued_requests, options.prefix_cache, options.draft_when_it_pays)
         # Loading and packing freed large temporaries; give them back before the engine serves (engine/memory.py).
         release_freed_memory()
         log.info("engine ready: %s on %s (%s), drafter %s", loaded.name, loaded.device, loaded.dtype, drafter.name)
@@ -98,6 +105,7 @@ class Engine:
             "context_length": self.loaded.context_length,
             "drafter": self.drafter.name,
             "prefix_cache": self.prefix_cache,
+            "draft_when_it_pays": self.verify_cost is not None,
             "has_chat_template": bool(getattr(self.loaded.tokenizer, "chat_template", None)),
             "cpu_kernels": cpu_kernels_in_use(self.loaded.model),
         }
@@ -169,14 +177,18 @@ class Engine:
             self.drafter.release()
             if isinstance(outcome, EngineError):
                 handle.future.set_exception(outcome)
-            else:
-                handle.future.set_result(outcome)
+                continue
+            handle.future.set_result(outcome)
+            # After the caller has its answer: a drafter with a memory learns the request (and may save it).
+            if handle.prompt_ids:
+                self.drafter.remember([*handle.prompt_ids, *outcome.token_ids])
 
     def _run(self, handle: GenerationHandle) -> GenerationResult:
         request = handle.request
         if handle.cancelled.is_set():
             return GenerationResult(text="", token_ids=[], finish_reason="cancelled", stats=GenerationStats())
         prompt_ids = self.encode(request.prompt, request.add_special_tokens)
+        handle.prompt_ids = prompt_ids
         context = self.loaded.context_length
         if not prompt_ids:
             raise InvalidRequestError("the prompt encodes to no tokens; give some text to continue")
@@ -200,6 +212,7 @@ class Engine:
             cancel=handle.cancelled,
             on_text=handle.on_text,
             reuse_prefix=self.prefix_cache,
+            verify_cost=self.verify_cost,
         )
         with self._totals_lock:
             self.totals.add(result.stats)

@@ -11,16 +11,17 @@ is what CUDA graphs would capture.
 
 It computes what transformers' Gemma 3 computes, to float rounding (the tests compare the hidden states with
 transformers' on the same int8 model); the int8 model's greedy tokens are defined by this pass, and verification
-uses the same pass, so speculative decoding stays token-identical to the engine's own plain decoding.
+uses the same pass with attention one row at a time (engine/row_attention.py), so each row comes out bit for bit as
+in plain decoding: speculative decoding stays token-identical to the engine's own plain decoding.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from transformers.models.gemma3.modeling_gemma3 import apply_rotary_pos_emb
 
 from mtp_mcp.engine.int8_weights import Int8Linear
+from mtp_mcp.engine.row_attention import attend_rows
 
 _INITIAL_CAPACITY = 1024  # tokens of cache allocated at first; doubled whenever a feed would overflow it
 
@@ -131,13 +132,12 @@ class LeanGemma3:
         hidden = self._embed(ids)  # [n, H], Gemma's sqrt(H) scale included
         positions = torch.arange(start, end)[None]
         rotary = {layer_type: self._rotary(hidden, positions, layer_type) for layer_type in self._layer_types}
-        masks = {sliding: self._mask(start, n, sliding) for sliding in (False, True)}
         for index, layer in enumerate(self._layers):
-            hidden = self._layer(index, layer, hidden, rotary[layer.layer_type], masks[layer.sliding], start, end)
+            hidden = self._layer(index, layer, hidden, rotary[layer.layer_type], start, end)
         self.length = end
         return _rms_norm(hidden, self._final_norm, self._final_eps)
 
-    def _layer(self, index, layer, hidden, rotary, mask, start, end):
+    def _layer(self, index, layer, hidden, rotary, start, end):
         n = hidden.shape[0]
         x = _rms_norm(hidden, layer.norms[0], layer.eps)
         q, k, v = layer.qkv(x).split(layer.split, dim=-1)
@@ -148,27 +148,15 @@ class LeanGemma3:
         keys, values = self._keys[index], self._values[index]  # [kv_heads, capacity, head_dim]
         keys[:, start:end] = k.transpose(0, 1)
         values[:, start:end] = v.view(n, self._kv_heads, self._head_dim).transpose(0, 1)
-        first = max(0, start - self._window + 1) if layer.sliding else 0
-        attended = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], keys[None, :, first:end], values[None, :, first:end],
-            attn_mask=None if mask is None else mask[:, first:], scale=layer.scaling, enable_gqa=True)
+        # One query row at a time over exactly the keys a one-token pass at its position reads (engine/row_attention.py).
+        spans = [(max(0, position - self._window + 1) if layer.sliding else 0, position + 1)
+                 for position in range(start, end)]
+        attended = attend_rows(q.transpose(0, 1)[None], keys[None], values[None], spans, layer.scaling)
         attention = layer.o_proj(attended[0].transpose(0, 1).reshape(n, -1))
         hidden = hidden + _rms_norm(attention, layer.norms[1], layer.eps)
         x = _rms_norm(hidden, layer.norms[2], layer.eps)
         gate, up = layer.gate_up(x).chunk(2, dim=-1)
         return hidden + _rms_norm(layer.down(layer.act(gate) * up), layer.norms[3], layer.eps)
-
-    def _mask(self, start: int, n: int, sliding: bool) -> torch.Tensor | None:
-        """[n, start + n] booleans, True where query i (position start + i) may attend to key j; None when every
-        cached key is allowed (one query, no window cut inside the attended span)."""
-        if n == 1:
-            return None  # the attended span (from `first`, see _layer) already is the window
-        query = torch.arange(start, start + n)[:, None]
-        key = torch.arange(start + n)[None]
-        allowed = key <= query
-        if sliding:
-            allowed &= key > query - self._window
-        return allowed
 
     def _reserve(self, end: int) -> None:
         capacity = self._keys[0].shape[1] if self._keys else 0

@@ -174,7 +174,8 @@ def _embedded_default(say: Callable[..., None]) -> tuple[Path, Path]:
     return described, described / _EMBEDDED_GGUF
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
+    """Where mtp-mcp keeps what it derives (GGUF descriptions, kept int8 rows, the drafter memory)."""
     return Path(os.environ.get(CACHE_DIR_ENV) or platformdirs.user_cache_dir("mtp-mcp"))
 
 
@@ -182,7 +183,7 @@ def _described_gguf(key: str, gguf_file: Callable[[Path], Path], say: Callable[.
     """The cache dir holding the description of a GGUF (config, tokenizer, tensor table), writing it first if
     there is none. `gguf_file(scratch)` returns the GGUF; it may write it into `scratch`, which becomes the cache
     dir (so an assembled embedded GGUF stays there)."""
-    target = _cache_root() / _DESCRIBED_DIR / key
+    target = cache_root() / _DESCRIBED_DIR / key
     # The directory only ever appears whole, by the rename below, so its existence means a complete description.
     if target.is_dir():
         return target

@@ -13,9 +13,12 @@ from pathlib import Path
 
 from mtp_mcp.engine.errors import InvalidRequestError, ModelLoadError
 
-DRAFTER_NAMES = ("auto", "none", "ngram", "draft-model", "mtp")
+DRAFTER_NAMES = ("auto", "none", "ngram", "suffix", "draft-model", "mtp")
 MAX_NUM_DRAFT_TOKENS = 16
 DEFAULT_NUM_DRAFT_TOKENS = 4
+# The suffix drafter's drafts come with a confidence per token and are cut to what pays (engine/draft_payoff.py),
+# so it may offer long ones: a retried request or a repeated passage is then verified many tokens per pass.
+DEFAULT_SUFFIX_DRAFT_TOKENS = 16
 DEFAULT_MAX_QUEUED_REQUESTS = 16
 DEVICE_CHOICES = ("auto", "cpu", "cuda")  # and cuda:N
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
@@ -30,12 +33,17 @@ class EngineOptions:
     model: str | None = None  # None: the embedded default (Gemma 3 270M)
     drafter: str = "auto"
     draft_model: str | None = None
-    num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS
+    num_draft_tokens: int | None = None  # None: the drafter's default (DEFAULT_NUM_DRAFT_TOKENS, suffix: 16)
     device: str = "auto"
     dtype: str = "auto"
     quantize: str = "auto"  # auto (int8 for a GGUF on CPU, else none), none, int8
     max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS
     prefix_cache: bool = True  # keep the last request's cache; a prompt that starts the same prefills only the rest
+    # The suffix drafter's index of earlier texts is saved in the user cache directory and read at the next start.
+    drafter_memory: bool = True
+    # Verify only as much of each draft as is expected to pay, and pause a drafter that keeps losing
+    # (engine/draft_payoff.py); False verifies every drafted token.
+    draft_when_it_pays: bool = True
 
 
 def check_options(options: EngineOptions) -> None:
@@ -68,10 +76,11 @@ def check_quantize(quantize: str, device: str, dtype: str) -> None:
             "or --device cpu with --dtype float32")
 
 
-def check_drafter_choice(name: str, draft_model: str | None, num_draft_tokens: int) -> None:
+def check_drafter_choice(name: str, draft_model: str | None, num_draft_tokens: int | None) -> None:
     if name not in DRAFTER_NAMES:
         raise InvalidRequestError(f"unknown drafter '{name}'; choose one of: {', '.join(DRAFTER_NAMES)}")
-    if not isinstance(num_draft_tokens, int) or not 1 <= num_draft_tokens <= MAX_NUM_DRAFT_TOKENS:
+    if num_draft_tokens is not None and (
+            not isinstance(num_draft_tokens, int) or not 1 <= num_draft_tokens <= MAX_NUM_DRAFT_TOKENS):
         raise InvalidRequestError(
             f"num_draft_tokens is {num_draft_tokens!r}; it must be a whole number from 1 to {MAX_NUM_DRAFT_TOKENS}"
         )

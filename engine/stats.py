@@ -14,6 +14,9 @@ class GenerationStats:
     target_passes: int = 0  # target forward passes while decoding (the prefill is not counted)
     draft_tokens_proposed: int = 0
     draft_tokens_accepted: int = 0
+    # Target passes that verified no drafted token: the drafter had none, was paused, or none was worth verifying.
+    steps_without_draft: int = 0
+    drafter_pauses: int = 0  # times the drafter was paused for losing to plain decoding (engine/draft_payoff.py)
     # proposed_at[i] / accepted_at[i]: drafts offered / kept at draft position i (0 = first token after the last one)
     proposed_at: list[int] = field(default_factory=list)
     accepted_at: list[int] = field(default_factory=list)
@@ -25,6 +28,7 @@ class GenerationStats:
 
     def record_step(self, proposed: int, accepted: int) -> None:
         self.target_passes += 1
+        self.steps_without_draft += proposed == 0
         self.draft_tokens_proposed += proposed
         self.draft_tokens_accepted += accepted
         while len(self.proposed_at) < proposed:
@@ -37,8 +41,9 @@ class GenerationStats:
     def add(self, other: GenerationStats) -> None:
         """Adds another generation's counts and times to these (for one answer made of several generations).
         The drafter and the time to first token stay this one's."""
-        for name in ("prompt_tokens", "prompt_tokens_reused", "new_tokens", "target_passes", "draft_tokens_proposed", "draft_tokens_accepted",
-                     "prefill_time_s", "drafting_time_s", "verifying_time_s", "total_time_s"):
+        for name in ("prompt_tokens", "prompt_tokens_reused", "new_tokens", "target_passes", "draft_tokens_proposed",
+                     "draft_tokens_accepted", "steps_without_draft", "drafter_pauses", "prefill_time_s",
+                     "drafting_time_s", "verifying_time_s", "total_time_s"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for mine, theirs in ((self.proposed_at, other.proposed_at), (self.accepted_at, other.accepted_at)):
             mine.extend([0] * (len(theirs) - len(mine)))
@@ -59,6 +64,11 @@ class GenerationStats:
         return [a / p if p else 0.0 for a, p in zip(self.accepted_at, self.proposed_at)]
 
     @property
+    def drafting_ms_per_pass(self) -> float:
+        """What proposing cost per target pass (a suffix lookup, a draft model's forwards)."""
+        return 1000 * self.drafting_time_s / self.target_passes if self.target_passes else 0.0
+
+    @property
     def tokens_per_second(self) -> float:
         """End to end: new tokens over the whole request time, the prefill included."""
         return self.new_tokens / self.total_time_s if self.total_time_s > 0 else 0.0
@@ -70,6 +80,7 @@ class GenerationStats:
             "mean_tokens_per_pass": round(self.mean_tokens_per_pass, 4),
             "acceptance_rate": round(self.acceptance_rate, 4),
             "acceptance_by_position": [round(r, 4) for r in self.acceptance_by_position],
+            "drafting_ms_per_pass": round(self.drafting_ms_per_pass, 3),
             "tokens_per_second": round(self.tokens_per_second, 3),
         }
 
@@ -85,6 +96,7 @@ class EngineTotals:
     target_passes: int = 0
     draft_tokens_proposed: int = 0
     draft_tokens_accepted: int = 0
+    steps_without_draft: int = 0
     generation_time_s: float = 0.0
 
     def add(self, stats: GenerationStats) -> None:
@@ -95,6 +107,7 @@ class EngineTotals:
         self.target_passes += stats.target_passes
         self.draft_tokens_proposed += stats.draft_tokens_proposed
         self.draft_tokens_accepted += stats.draft_tokens_accepted
+        self.steps_without_draft += stats.steps_without_draft
         self.generation_time_s += stats.total_time_s
 
     def to_dict(self) -> dict:

@@ -17,6 +17,7 @@ from mtp_mcp.benchmarks.cli import add_bench_arguments
 from mtp_mcp.engine.errors import EngineError, InvalidRequestError, ModelLoadError
 from mtp_mcp.engine.options import (
     DEFAULT_NUM_DRAFT_TOKENS,
+    DEFAULT_SUFFIX_DRAFT_TOKENS,
     DEVICE_CHOICES,
     DRAFTER_NAMES,
     DTYPE_CHOICES,
@@ -35,10 +36,12 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
     group.add_argument("--model", help="local model directory, .gguf file, or hub id already in the local cache "
                        "(default: the embedded Gemma 3 270M)")
-    group.add_argument("--drafter", default="auto", help=f"one of {', '.join(DRAFTER_NAMES)} (default: auto)")
+    group.add_argument("--drafter", default="auto", help=f"one of {', '.join(DRAFTER_NAMES)} (default: auto: the model's own MTP, else --draft-model, else "
+                       "suffix)")
     group.add_argument("--draft-model", help="draft model for --drafter draft-model (same tokenizer as the target), or a Gemma 4 assistant for --drafter mtp")
-    group.add_argument("--num-draft-tokens", type=int, default=DEFAULT_NUM_DRAFT_TOKENS,
-                       help=f"most tokens drafted per target pass (default: {DEFAULT_NUM_DRAFT_TOKENS})")
+    group.add_argument("--num-draft-tokens", type=int,
+                       help=f"most tokens drafted per target pass (default: {DEFAULT_SUFFIX_DRAFT_TOKENS} for suffix, "
+                       f"{DEFAULT_NUM_DRAFT_TOKENS} for the others)")
     group.add_argument("--device", default="auto", choices=list(DEVICE_CHOICES))
     group.add_argument("--dtype", default="auto", choices=list(DTYPE_CHOICES),
                        help="auto: float32 on CPU, bfloat16 on CUDA")
@@ -47,6 +50,12 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                        "from its blocks; otherwise what the checkpoint is), none (float), int8 (CPU, float32)")
     group.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                        help="do not keep the last request's cache for a next prompt that starts the same way")
+    group.add_argument("--no-drafter-memory", dest="drafter_memory", action="store_false",
+                       help="the suffix drafter forgets earlier requests when the server stops (by default they are "
+                       "kept in the user cache directory, bounded, readable by the user alone)")
+    group.add_argument("--always-draft", dest="draft_when_it_pays", action="store_false",
+                       help="verify every drafted token, even when the measured cost and acceptance say that fewer "
+                       "(or none) would be faster")
     group.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 

@@ -54,6 +54,10 @@ class Speculation(BaseModel):
     acceptance_rate: float = Field(description="share of draft tokens the model agreed with")
     draft_tokens_proposed: int
     draft_tokens_accepted: int
+    steps_without_draft: int = Field(description="target passes that verified no drafted token: the drafter had "
+                                     "none, was paused, or none was expected to pay")
+    drafter_pauses: int = Field(description="times the drafter was paused for losing to plain decoding")
+    drafting_ms_per_pass: float = Field(description="what proposing cost per target pass, in milliseconds")
 
 
 class Timing(BaseModel):

@@ -114,5 +114,5 @@ def test_cli_generate_json_with_the_embedded_default(embedded_model, capsys):
     assert main(["generate", PROMPTS[2], "--max-new-tokens", "8", "--json", "--device", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["finish_reason"] in ("length", "eos") and result["token_ids"]
-    assert result["stats"]["drafter"] == "ngram"
+    assert result["stats"]["drafter"] == "suffix"
     assert "Germany" in result["text"]

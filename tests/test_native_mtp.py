@@ -350,16 +350,16 @@ def test_auto_finds_the_gemma4_assistant_beside_the_target_or_takes_the_one_give
     moved = tmp_path / "elsewhere"
     checkpoints["gemma4"].with_name("gemma4-assistant").rename(moved)
     try:
-        assert create_drafter("auto", loaded["gemma4"], None, 4).name == "ngram"
+        assert create_drafter("auto", loaded["gemma4"], None, 4).name == "suffix"
         assert create_drafter("auto", loaded["gemma4"], str(moved), 4).name == "mtp:gemma4_assistant"
         assert create_drafter("mtp", loaded["gemma4"], str(moved), 4).name == "mtp:gemma4_assistant"
     finally:
         moved.rename(checkpoints["gemma4"].with_name("gemma4-assistant"))
 
 
-def test_auto_falls_back_to_ngram_without_native_mtp(tmp_path):
+def test_auto_falls_back_to_suffix_without_native_mtp(tmp_path):
     plain = load_model(str(build_tiny_checkpoint(tmp_path / "plain")), "cpu", "float32", progress=False)
-    assert create_drafter("auto", plain, None, 4).name == "ngram"
+    assert create_drafter("auto", plain, None, 4).name == "suffix"
 
 
 def test_engine_reports_the_native_drafter_and_stays_lossless(checkpoints, loaded):
@@ -399,7 +399,7 @@ def test_a_checkpoint_that_claims_mtp_layers_without_their_tensors(tmp_path):
     target = load_model(str(build_qwen3_5(tmp_path / "no-mtp", mtp_tensors=False)), "cpu", "float32", progress=False)
     with pytest.raises(ModelLoadError, match=r"declares 1 MTP layer\(s\) but its checkpoint holds no 'mtp\.\*'"):
         create_drafter("mtp", target, None, 4)
-    assert create_drafter("auto", target, None, 4).name == "ngram"
+    assert create_drafter("auto", target, None, 4).name == "suffix"
 
 
 def test_a_checkpoint_with_incomplete_mtp_tensors(tmp_path):
@@ -411,8 +411,8 @@ def test_a_checkpoint_with_incomplete_mtp_tensors(tmp_path):
     target = load_model(str(path), "cpu", "float32", progress=False)
     with pytest.raises(ModelLoadError, match="has incomplete MTP weights: 1 tensor"):
         create_drafter("mtp", target, None, 4)
-    # auto does not fail the whole load over them: it drafts with ngram, or with the draft model it was given.
-    assert create_drafter("auto", target, None, 4).name == "ngram"
+    # auto does not fail the whole load over them: it drafts with suffix, or with the draft model it was given.
+    assert create_drafter("auto", target, None, 4).name == "suffix"
     assert create_drafter("auto", target, str(build_tiny_checkpoint(tmp_path / "draft")), 4).name == "draft-model"
 
 

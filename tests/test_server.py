@@ -99,7 +99,7 @@ async def test_tools_are_listed_read_only_with_limits_in_their_schemas(client):
 async def test_resources_describe_the_model_and_count_requests(client):
     model = json.loads((await client.read_resource("engine://model"))[0].text)
     assert model["status"] == "ready"
-    assert model["context_length"] == CONTEXT and model["drafter"] == "ngram" and model["device"] == "cpu"
+    assert model["context_length"] == CONTEXT and model["drafter"] == "suffix" and model["device"] == "cpu"
     assert model["cpu_kernels"] == {"prepacked_layers": 0, "int8_argmax_screen": False}  # built by Engine(), not load
     before = json.loads((await client.read_resource("engine://stats"))[0].text)
     await client.call_tool("generate", {"prompt": "Hello", "max_new_tokens": 5})
@@ -122,7 +122,7 @@ async def test_generate_streams_deltas_that_add_up_to_the_text(client):
     assert counts == sorted(counts) and counts[-1] <= 40
     assert all(total == 40 for _, total, _ in progress.events)
     speculation, timing = out["speculation"], out["timing"]
-    assert speculation["drafter"] == "ngram"
+    assert speculation["drafter"] == "suffix"
     assert 1 <= speculation["target_passes"] <= 40
     assert speculation["mean_tokens_per_pass"] == pytest.approx(40 / speculation["target_passes"], abs=1e-3)
     assert 0.0 <= speculation["acceptance_rate"] <= 1.0

@@ -199,7 +199,7 @@ async def test_stdio_server_on_the_embedded_model(embedded_model, mtp_mcp_cache_
     assert not result.is_error
     assert "Paris" in out["text"]  # greedy on a fixed model: the base model answers this one through the transcript
     assert out["finish_reason"] == "stop_string"  # it ended at the next "User:" turn
-    assert out["speculation"]["drafter"] == "ngram" and out["speculation"]["target_passes"] >= 1
+    assert out["speculation"]["drafter"] == "suffix" and out["speculation"]["target_passes"] >= 1
     # Text comes with progress >= 1 (tokens); while the model loads, reports below 1 say so.
     assert "".join(message for tokens, message in progress if tokens >= 1 and message) == out["text"]
     assert all("still loading" in message for tokens, message in progress if tokens < 1)

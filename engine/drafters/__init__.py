@@ -2,14 +2,16 @@
 
 `mtp` is the model's own multi-token prediction: a Gemma 4 assistant (given with --draft-model, or found beside the
 target as `<target>-assistant`), or MTP layers inside the checkpoint (Qwen3.5 / 3.6 / Next, DeepSeek-V3, GLM-4.5).
+`suffix` drafts from earlier requests' prompts and outputs as well as the current one, remembered across restarts.
 `auto` takes native MTP when the model has it (a checkpoint that only declares MTP layers, without their tensors,
-does not count), else a draft model when --draft-model is given, else `ngram`.
+does not count), else a draft model when --draft-model is given, else `suffix`.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from re import Pattern
 
 from mtp_mcp.engine.drafters import deepseek_mtp, qwen_mtp
@@ -23,9 +25,10 @@ from mtp_mcp.engine.drafters.gemma4_assistant import (
 )
 from mtp_mcp.engine.drafters.mtp_heads import checkpoint_tensor_files
 from mtp_mcp.engine.drafters.prompt_lookup import PromptLookupDrafter
+from mtp_mcp.engine.drafters.suffix import load_suffix_drafter
 from mtp_mcp.engine.errors import InvalidRequestError, ModelLoadError
 from mtp_mcp.engine.loading import LoadedModel, load_model
-from mtp_mcp.engine.options import check_drafter_choice
+from mtp_mcp.engine.options import DEFAULT_NUM_DRAFT_TOKENS, DEFAULT_SUFFIX_DRAFT_TOKENS, check_drafter_choice
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +41,16 @@ _MTP_FAMILIES: tuple[tuple[Callable, Callable[[LoadedModel], Pattern], Callable[
 )
 
 
-def create_drafter(name: str, target: LoadedModel, draft_model: str | None, num_draft_tokens: int) -> Drafter:
+def create_drafter(name: str, target: LoadedModel, draft_model: str | None, num_draft_tokens: int | None,
+                   memory_dir: Path | None = None) -> Drafter:
+    """num_draft_tokens None: the drafter's default. memory_dir: where the suffix drafter keeps its memory across
+    restarts (None: it keeps none)."""
     check_drafter_choice(name, draft_model, num_draft_tokens)
     if name == "none":
         return NoDrafter()
     if name in ("mtp", "auto"):
-        native = _native_mtp_drafter(target, draft_model, num_draft_tokens, required=name == "mtp")
+        native = _native_mtp_drafter(target, draft_model, num_draft_tokens or DEFAULT_NUM_DRAFT_TOKENS,
+                                     required=name == "mtp")
         if native is not None:
             return native
     if name == "draft-model" or draft_model is not None:
@@ -59,15 +66,18 @@ def create_drafter(name: str, target: LoadedModel, draft_model: str | None, num_
         draft = load_model(draft_model, device=str(target.device), dtype=str(target.dtype).removeprefix("torch."),
                            quantize="int8" if target.quantization == "int8" else "auto")
         check_same_vocabulary(target.tokenizer, draft.tokenizer, draft.name)
-        return DraftModelDrafter(draft.model, num_draft_tokens)
-    return PromptLookupDrafter(num_draft_tokens)
+        return DraftModelDrafter(draft.model, num_draft_tokens or DEFAULT_NUM_DRAFT_TOKENS)
+    if name == "ngram":
+        return PromptLookupDrafter(num_draft_tokens or DEFAULT_NUM_DRAFT_TOKENS)
+    return load_suffix_drafter(num_draft_tokens or DEFAULT_SUFFIX_DRAFT_TOKENS, target.tokenizer,
+                               f"{target.name}\n{target.path}", memory_dir)
 
 
 def _native_mtp_drafter(target: LoadedModel, draft_model: str | None, num_draft_tokens: int, *,
                         required: bool) -> Drafter | None:
     """The model's own MTP drafter; None (auto) or InvalidRequestError (mtp) when it has none. Under auto, MTP
     layers that cannot be used (tensors partly missing, an unsupported variant) log a warning and give None, so the
-    caller falls back to the draft model or ngram instead of failing the whole load."""
+    caller falls back to the draft model or suffix instead of failing the whole load."""
     if draft_model is not None and (required or is_gemma4_assistant(draft_model)):
         return load_gemma4_assistant_drafter(draft_model, target, num_draft_tokens)
     # auto with an ordinary draft model still prefers the model's own MTP (the module docstring's order).
@@ -83,7 +93,7 @@ def _native_mtp_drafter(target: LoadedModel, draft_model: str | None, num_draft_
             pattern = tensor_names(target)
             if not any(pattern.search(tensor) for tensor in checkpoint_tensor_files(target.path)):
                 log.warning("model %s declares MTP layers but its checkpoint holds none of their tensors; "
-                            "drafting with %s instead", target.name, "the draft model" if draft_model else "ngram")
+                            "drafting with %s instead", target.name, "the draft model" if draft_model else "suffix")
                 return None
         try:
             return load(target, num_draft_tokens)
@@ -91,12 +101,12 @@ def _native_mtp_drafter(target: LoadedModel, draft_model: str | None, num_draft_
             if required:
                 raise
             log.warning("model %s's MTP layers cannot be used (%s); drafting with %s instead", target.name, error,
-                        "the draft model" if draft_model else "ngram")
+                        "the draft model" if draft_model else "suffix")
             return None
     if required:
         raise InvalidRequestError(
             f"model '{target.name}' has no multi-token prediction of its own: its config declares no MTP layers "
             "(mtp_num_hidden_layers / num_nextn_predict_layers) and no Gemma 4 assistant was given or found beside "
-            "it as '<model>-assistant'; use --drafter ngram, or --drafter mtp --draft-model ASSISTANT_DIR"
+            "it as '<model>-assistant'; use --drafter suffix, or --drafter mtp --draft-model ASSISTANT_DIR"
         )
     return None

@@ -23,3 +23,6 @@ class NoDrafter:
 
     def release(self) -> None:
         pass
+
+    def remember(self, token_ids: list[int]) -> None:
+        pass

@@ -22,6 +22,16 @@ class Draft:
     # [len(tokens), V]: the distribution each token was sampled from. None means deterministic (one-hot q), which
     # is also what every drafter returns under greedy decoding.
     probs: torch.Tensor | None = None
+    # confidence[i]: the drafter's estimate of the chance that tokens[: i + 1] are all accepted, where it has one
+    # (the suffix drafter's occurrence counts); engine.draft_payoff uses it to decide how much to verify.
+    confidence: list[float] | None = None
+
+    def first(self, n: int) -> Draft:
+        """The draft cut to its first n tokens."""
+        if n >= len(self.tokens):
+            return self
+        return Draft(self.tokens[:n], None if self.probs is None else self.probs[:n],
+                     None if self.confidence is None else self.confidence[:n])
 
 
 NO_DRAFT = Draft(tokens=[])
@@ -38,6 +48,9 @@ class DraftContext:
     # Set when the request is cancelled: a drafter with a long feed of its own (a draft model's first pass over the
     # prompt) checks it between chunks and gives up, proposing nothing.
     cancel: threading.Event | None = None
+    # False for sampling with a seed, whose text must come out the same every time: a drafter then drafts from this
+    # request alone, not from what it remembers of earlier ones (which would change how the random numbers are used).
+    use_memory: bool = True
 
 
 class Drafter(Protocol):
@@ -58,6 +71,10 @@ class Drafter(Protocol):
     def release(self) -> None:
         """Frees what the drafter holds for the request that just ended (caches), so its memory does not outlive
         the request; the engine calls it after every request, finished, failed or cancelled."""
+
+    def remember(self, token_ids: list[int]) -> None:
+        """Learns from a request that ended without error (its prompt and output tokens); the engine calls it after
+        the caller has the result. Only drafters with a memory across requests (suffix) keep anything."""
 
 
 class AdaptiveDraftLength:

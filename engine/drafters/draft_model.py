@@ -95,6 +95,9 @@ class DraftModelDrafter:
         self._cache = None
         self._cached_ids = []
 
+    def remember(self, token_ids: list[int]) -> None:
+        pass
+
 
 def check_same_vocabulary(target: PreTrainedTokenizerBase, draft: PreTrainedTokenizerBase, draft_name: str) -> None:
     """A draft model is only useful (and only correct to verify token by token) if both map text to the same ids."""

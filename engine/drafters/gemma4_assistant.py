@@ -90,6 +90,9 @@ class Gemma4AssistantDrafter:
     def release(self) -> None:
         self._hidden = None
 
+    def remember(self, token_ids: list[int]) -> None:
+        pass
+
 
 def is_gemma4_assistant(path: str | Path) -> bool:
     """Whether the directory holds a Gemma 4 assistant (by its config.json)."""

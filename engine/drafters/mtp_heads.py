@@ -131,6 +131,9 @@ class MtpHeadDrafter:
         self._cache = None
         self._pending_hidden = None
 
+    def remember(self, token_ids: list[int]) -> None:
+        pass
+
     def _run(self, depth: int, hidden: torch.Tensor, token_ids: list[int], first_position: int) -> torch.Tensor:
         """Feeds pairs (hidden[i], token_ids[i]) at positions first_position + i to depth `depth`: [n, H] -> [n, H]."""
         device = hidden.device

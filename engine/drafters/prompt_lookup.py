@@ -50,3 +50,6 @@ class PromptLookupDrafter:
     def release(self) -> None:
         self._latest_end.clear()
         self._indexed = 0
+
+    def remember(self, token_ids: list[int]) -> None:
+        pass
