@@ -35,7 +35,9 @@ from mtp_mcp.engine.drafters import Drafter, create_drafter
 from mtp_mcp.engine.drafters.gemma4_assistant import is_gemma4_assistant
 from mtp_mcp.engine.errors import InvalidRequestError, ModelLoadError
 from mtp_mcp.engine.loading import LoadedModel, load_model, resolve_quantize
-from mtp_mcp.engine.options import DRAFTER_NAMES
+from mtp_mcp.engine.drafters.suffix import SuffixDrafter
+from mtp_mcp.engine.drafters.suffix_index import GlobalIndex
+from mtp_mcp.engine.options import DEFAULT_SUFFIX_DRAFT_TOKENS, DRAFTER_NAMES
 from mtp_mcp.engine.target import TargetModel
 
 log = logging.getLogger("mtp-mcp.bench")
@@ -188,6 +190,11 @@ def _drafters(args: argparse.Namespace, loaded: LoadedModel) -> list[Drafter]:
             # A Gemma 4 assistant given as --draft-model is the mtp drafter's; an ordinary one the draft-model's.
             wants_draft_model = name == "draft-model" or (
                 name == "mtp" and args.draft_model is not None and is_gemma4_assistant(args.draft_model))
+            if name == "suffix":
+                # Each prompt runs several times here: a memory across requests would turn repeats into retries.
+                # These rows draft from the prompt alone; --agent-trace measures the memory.
+                drafters.append(SuffixDrafter(args.num_draft_tokens or DEFAULT_SUFFIX_DRAFT_TOKENS, GlobalIndex(0)))
+                continue
             drafters.append(create_drafter(name, loaded, args.draft_model if wants_draft_model else None,
                                            args.num_draft_tokens))
         except (InvalidRequestError, ModelLoadError) as error:

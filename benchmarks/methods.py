@@ -83,7 +83,9 @@ class EngineMethod:
 
     def __init__(self, loaded: LoadedModel, drafter: Drafter):
         self.name = f"engine-{drafter.name}"
-        self._engine = Engine(loaded, drafter)
+        # Every prompt runs several times: without the prefix cache each run reads its prompt in full, as the
+        # transformers and llama.cpp rows do (bench --agent-trace measures the cache).
+        self._engine = Engine(loaded, drafter, prefix_cache=False)
 
     def run(self, prompt: Prompt, max_new_tokens: int) -> MethodRun:
         request = GenerationRequest(

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 # to one position (about what a 270M model's step shows on 2 CPU cores; a GPU's curve is flatter and is learned).
 PRIOR_COST_SLOPE = 0.1
 COST_AVERAGING = 0.2  # weight of a new measurement in VerifyCostCurve's running mean per n
+MEASURED_AFTER = 3  # passes over n positions after which their own mean, not the line, gives c(n)
 RECORD_DECAY = 0.9  # weight of the earlier record each time a draft position's outcome is learned
 PAUSE_STEPS = 16
 MAX_PAUSE_STEPS = 256
@@ -33,9 +34,11 @@ LOSS_MARGIN = 0.9  # a drafter loses when its recent rate is below this share of
 
 
 class VerifyCostCurve:
-    """Seconds one target pass takes over n positions: a running mean per n measured by the decode loop, and a line
-    c(n) = a + b (n - 1) fitted through them (weighted by how often each n was seen) for the n not measured yet.
-    Owned by the engine; only its worker thread touches it."""
+    """Seconds one target pass takes over n positions: a running mean per n measured by the decode loop, used once n
+    was seen MEASURED_AFTER times, and a line c(n) = a + b (n - 1) fitted through all of them (weighted by how often
+    each n was seen) for the others. The means matter where the true curve is not a line: on CPU the greedy head
+    screens at most 8 positions, beyond which it computes the full logits (Gemma 3 270M: a pass over 17 positions
+    costs about 3x one over 9). Owned by the engine; only its worker thread touches it."""
 
     def __init__(self) -> None:
         self._mean: dict[int, float] = {}
@@ -66,6 +69,8 @@ class VerifyCostCurve:
         return max(mean_y - slope * mean_x, 1e-6), slope
 
     def seconds(self, positions: int) -> float | None:
+        if self._count.get(positions, 0) >= MEASURED_AFTER:
+            return self._mean[positions]
         line = self.line()
         return None if line is None else line[0] + line[1] * (positions - 1)
 
@@ -73,14 +78,13 @@ class VerifyCostCurve:
 def best_draft_length(acceptance: list[float], cost: VerifyCostCurve) -> int:
     """The number of drafted tokens (0..len(acceptance)) to verify: argmax of (1 + E(n)) / c(n + 1).
     acceptance[i]: chance that drafted tokens 1..i+1 are all accepted. Pure; without measurements, all of them."""
-    line = cost.line()
-    if line is None:
+    one = cost.seconds(1)
+    if one is None:
         return len(acceptance)
-    one, slope = line
     best, best_rate, expected = 0, 1.0 / one, 1.0
     for n, probability in enumerate(acceptance, start=1):
         expected += probability
-        rate = expected / (one + slope * n)
+        rate = expected / cost.seconds(n + 1)
         if rate > best_rate:
             best, best_rate = n, rate
     return best

@@ -31,8 +31,9 @@ from mtp_mcp.engine.target import TargetModel
 
 log = logging.getLogger(__name__)
 
-# The prefix cache keeps the last request's target cache unless it is larger than this (Gemma 3 270M: ~0.2 MB per
-# token in float32, so a few thousand tokens; a large model's long context is dropped instead).
+# The prefix cache keeps recent requests' target caches within this many bytes, least recently used dropped first
+# (the lean Gemma 3 270M cache: 36 KB per token, reserved 1,024 tokens at a time; a large model's long context is
+# dropped instead).
 PREFIX_CACHE_MAX_BYTES = 1 << 30
 
 class GenerationHandle:
@@ -170,9 +171,9 @@ class Engine:
                 outcome = EngineError(message)
             # Caches are freed before the caller hears back, so a result never arrives with the memory still held;
             # the prefix cache keeps the target's after a request that ended normally, within its budget.
-            keep = (self.prefix_cache and not isinstance(outcome, EngineError)
-                    and self._target.cache_bytes() <= PREFIX_CACHE_MAX_BYTES)
-            if not keep:
+            if self.prefix_cache and not isinstance(outcome, EngineError):
+                self._target.trim_kept(PREFIX_CACHE_MAX_BYTES)
+            else:
                 self._target.release()
             self.drafter.release()
             if isinstance(outcome, EngineError):

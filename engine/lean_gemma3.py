@@ -111,6 +111,19 @@ class LeanGemma3:
         self.length = 0
         self._keys, self._values = [], []
 
+    def state(self) -> tuple:
+        """What the cache holds, to be put back by `restore` (a parked prefix-cache sequence)."""
+        return self._keys, self._values, self.length
+
+    def copied_state(self) -> tuple:
+        """A copy of what the cache holds (its first `length` positions, in tensors of their own)."""
+        keys = [tensor[:, : self.length].clone() for tensor in self._keys]
+        values = [tensor[:, : self.length].clone() for tensor in self._values]
+        return keys, values, self.length
+
+    def restore(self, state: tuple) -> None:
+        self._keys, self._values, self.length = state
+
     def crop(self, n_tokens: int) -> None:
         """Forgets the last n_tokens fed."""
         self.length -= n_tokens

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ROW_ATTENTION = "mtp_mcp_row_by_row"
 
@@ -59,6 +60,10 @@ def _row_by_row_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     return torch.cat(rows, dim=2).transpose(1, 2).contiguous(), None
 
 
+def _always_a_mask(*args, **kwargs) -> torch.Tensor | None:
+    return sdpa_mask(*args, **(kwargs | {"allow_is_causal_skip": False}))
+
+
 def use_row_attention(model: torch.nn.Module) -> bool:
     """Switches a transformers model's attention to one row at a time; False (and nothing changed) for models whose
     attention needs more than a mask (soft-capping, sinks, relative position biases)."""
@@ -68,6 +73,9 @@ def use_row_attention(model: torch.nn.Module) -> bool:
     if any(name.endswith(".sinks") for name, _ in model.named_parameters()):
         return False
     AttentionInterface.register(ROW_ATTENTION, _row_by_row_attention)
+    # Masks as for sdpa (causal, sliding windows), always built: a custom attention without a mask function of its
+    # own would get none, and sliding-window layers would read too far back.
+    AttentionMaskInterface.register(ROW_ATTENTION, _always_a_mask)
     try:
         model.set_attn_implementation(ROW_ATTENTION)
     except (ValueError, NotImplementedError):  # a model class that does not take custom attention functions

@@ -21,15 +21,19 @@ kernel into transformers' module, which the engine must not do to a model it doe
 such a kernel, the engine snapshots and re-runs: exact, through the public cache API, and at no measurable cost when
 all drafts pass.
 
-Prefix cache across requests: the cache of the last request is kept (`ids` says which tokens it holds), and the next
-prefill feeds only what follows the longest prefix it shares with them. Only what is exact is reused: any prefix in
-the lean Gemma 3 cache and in attention-only caches (cropping keys/values is exact); in caches with sliding-window
-layers (which no longer hold what fell out of the window) or recurrent states (which hold only the state after the
-last token), only the whole kept sequence, when the new prompt extends it.
+Prefix cache across requests: the caches of recent requests are kept (the live one, whose tokens `ids` lists, and
+up to MAX_KEPT_SEQUENCES parked ones, each with its own ids), and a prefill with `reuse` continues whichever shares
+the longest exactly reusable prefix with the new prompt, feeding only what follows it; the live cache is parked
+when another one is taken, so an agent that works on two files in turn keeps both. Only what is exact is reused:
+any prefix in the lean Gemma 3 cache and in attention-only caches (cropping keys/values is exact); in caches with
+sliding-window layers (which no longer hold what fell out of the window) or recurrent states (which hold only the
+state after the last token), only the whole kept sequence, when the new prompt extends it. The owner (the engine)
+bounds their memory with `trim_kept`.
 """
 
 from __future__ import annotations
 
+import copy
 import threading
 from dataclasses import dataclass
 
@@ -51,6 +55,20 @@ _MAX_RESCORED_CANDIDATES = 2048
 # 10.48-11.05 s in chunks of 256 (512: 11.25-11.43, 1,024 and 128: over 11.5); 1,357 tokens ~8% less in chunks,
 # within noise; 500 tokens the same. Chunk sizes of 256 and 512 are about even below 1,500 tokens.
 PREFILL_CHUNK_TOKENS = 256
+# Parked caches besides the live one (within the owner's memory budget, see trim_kept).
+MAX_KEPT_SEQUENCES = 4
+# A reused prefix that would cut this many tokens or more off a kept sequence is taken from a copy instead.
+FORK_MIN_TOKENS = 16
+
+
+@dataclass(slots=True)
+class _ParkedSequence:
+    """A cache put aside whole: its tokens and whatever holds their states (the lean cache's tensors and length,
+    or a DynamicCache and its linear-attention layers)."""
+
+    ids: list[int]
+    state: tuple
+    nbytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +110,7 @@ class TargetModel:
         self._recurrent_before: list[tuple[LinearAttentionCacheLayerMixin, int, torch.Tensor]] = []
         # The linear-attention layers of `cache` (none for other models), listed once per cache.
         self._recurrent_layers: list[LinearAttentionCacheLayerMixin] = []
+        self._parked: list[_ParkedSequence] = []  # least recently used first
 
     @property
     def cache_length(self) -> int:
@@ -115,10 +134,12 @@ class TargetModel:
 
         Returns the final hidden states of the tokens fed, [n, H]: the last n of token_ids, the others were reused.
         None when `cancel` was set between two chunks (a long prompt takes minutes on CPU)."""
-        reused = self._reusable_prefix(token_ids) if reuse else 0
+        reused = self._take_longest_prefix(token_ids) if reuse else 0
         if reused:
             self._crop_to(reused)
         else:
+            if reuse:
+                self._park()
             self._start_sequence()
         fed = []
         for start in range(reused, len(token_ids), self.prefill_chunk_tokens):
@@ -135,6 +156,7 @@ class TargetModel:
         return torch.cat(fed)
 
     def _reusable_prefix(self, token_ids: list[int]) -> int:
+        """How many leading tokens of token_ids the live cache can keep exactly."""
         common = 0
         for held, wanted in zip(self.ids, token_ids):
             if held != wanted:
@@ -147,8 +169,65 @@ class TargetModel:
         only_whole = self._recurrent_layers or any(getattr(layer, "is_sliding", False) for layer in self.cache.layers)
         return common if common == len(self.ids) or not only_whole else 0
 
+    def _take_longest_prefix(self, token_ids: list[int]) -> int:
+        """Makes live the cache (live or parked) that keeps the most of token_ids, parking the live one if another
+        wins; returns how many tokens it keeps. When that would cut off FORK_MIN_TOKENS or more of it (another
+        edit of the same file, a retry whose output a grown prompt may want later), the whole sequence is parked
+        and a copy of the kept prefix goes live instead."""
+        reusable = [self._reusable_prefix(token_ids)]
+        live = self._park_state()
+        for parked in self._parked:
+            self._restore(parked.ids, parked.state)
+            reusable.append(self._reusable_prefix(token_ids))
+        self._restore(*live)
+        best = max(reusable)
+        if best == 0:
+            return 0
+        if (index := reusable.index(best)) > 0:  # ties go to the live cache
+            chosen = self._parked.pop(index - 1)
+            self._park()
+            self._restore(chosen.ids, chosen.state)
+        if len(self.ids) - best >= FORK_MIN_TOKENS:
+            ids, copied = list(self.ids), self._copied_state()
+            self._park()
+            self._restore(ids, copied)
+        return best
+
+    def _copied_state(self) -> tuple:
+        if self._lean is not None:
+            return (self._lean.copied_state(),)
+        copied = copy.deepcopy(self.cache)
+        return copied, [layer for layer in copied.layers if isinstance(layer, LinearAttentionCacheLayerMixin)]
+
+    def _park_state(self) -> tuple[list[int], tuple]:
+        state = ((self._lean.state(),) if self._lean is not None else (self.cache, self._recurrent_layers))
+        return self.ids, state
+
+    def _restore(self, ids: list[int], state: tuple) -> None:
+        self.ids = ids
+        if self._lean is not None:
+            self._lean.restore(state[0])
+        else:
+            self.cache, self._recurrent_layers = state
+        self._last_fed, self._recurrent_before = [], []
+
+    def _park(self) -> None:
+        """Puts the live cache aside (most recently used) and leaves none live."""
+        if self.ids:
+            self._parked.append(_ParkedSequence(*self._park_state(), self.cache_bytes()))
+            del self._parked[:-MAX_KEPT_SEQUENCES]
+        self.release_live()
+
+    def trim_kept(self, max_bytes: int) -> None:
+        """Drops parked caches, least recently used first, until the live one and the parked ones together hold at
+        most max_bytes; the live one too if it alone is larger."""
+        while self._parked and self.cache_bytes() + sum(p.nbytes for p in self._parked) > max_bytes:
+            self._parked.pop(0)
+        if self.cache_bytes() > max_bytes:
+            self.release_live()
+
     def _start_sequence(self) -> None:
-        self.release()
+        self.release_live()
         if self._lean is None:
             self.cache = DynamicCache(config=self.model.config)
             # Sliding-window layers and convolution states must keep what they would evict until we know the drafts
@@ -166,7 +245,12 @@ class TargetModel:
         del self.ids[length:]
 
     def release(self) -> None:
-        """Drops the cache, so its memory does not outlive the request (or the prefix cache's budget)."""
+        """Drops every cache, live and parked, so their memory does not outlive the request (or the budget)."""
+        self._parked = []
+        self.release_live()
+
+    def release_live(self) -> None:
+        """Drops the live cache (its memory is freed unless a parked sequence holds it)."""
         self.cache = None
         self.ids = []
         if self._lean is not None:

@@ -14,6 +14,7 @@ import pytest
 from tiny_checkpoints import build_tiny_checkpoint
 
 from mtp_mcp.benchmarks import prefill_cost
+from mtp_mcp.benchmarks.agent_trace import load_trace
 from mtp_mcp.benchmarks.workloads import WORKLOAD_NAMES, cut_after_def
 from mtp_mcp.cli import main
 
@@ -33,7 +34,7 @@ def test_bench_prints_table_and_writes_json_and_plot(tiny_dir, tmp_path, capsys)
                  "1", "--json", str(json_path), "--plot", str(plot_path)])
     assert code == 0
 
-    methods = ["transformers", "transformers-lookup", "engine-none", "engine-ngram"]
+    methods = ["transformers", "transformers-lookup", "engine-none", "engine-ngram", "engine-suffix"]
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:3] == ["workload", "method", "tok/s"]
     rows = {tuple(line.split()[:2]) for line in table[2:]}
@@ -51,6 +52,32 @@ def test_bench_prints_table_and_writes_json_and_plot(tiny_dir, tmp_path, capsys)
         assert summaries[(workload, "engine-ngram")]["tokens_per_pass"] >= 1.0
     assert document["meta"]["engine_kernels"] == "mtp_mcp.engine.cpu_kernels"
     assert plot_path.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_agent_trace_replays_every_call_through_the_server_with_each_set_up(tmp_path, capsys):
+    # Summaries of the shipped texts need a longer context than the other workloads with this tokenizer.
+    # Attention only (llama): any shared prefix is reusable, as in the lean Gemma 3 cache the embedded model runs.
+    model = build_tiny_checkpoint(tmp_path / "tiny", arch="llama", context_length=8192, eos_reachable=False)
+    json_path = tmp_path / "trace.json"
+    assert main(["bench", "--agent-trace", "--model", str(model), "--json", str(json_path)]) == 0
+    table = capsys.readouterr().out
+    document = json.loads(json_path.read_text())
+    calls = load_trace()
+    assert len(document["calls"]) == 3 * len(calls)
+    assert {c["set_up"] for c in document["calls"]} == {"plain", "ngram", "suffix"}
+    # The replay fails unless every set-up answered every call with the same text (greedy is lossless).
+    by_call = {}
+    for call in document["calls"]:
+        by_call.setdefault(call["call"], set()).add(call["text"])
+        assert call["new_tokens"] >= 1 and call["seconds"] > 0
+    assert all(len(texts) == 1 for texts in by_call.values())
+    summary = document["summary"]
+    assert summary["plain"]["tokens_per_pass"] == pytest.approx(1.0)
+    assert summary["plain"]["prompt_tokens_reused"] == summary["ngram"]["prompt_tokens_reused"] == 0
+    # The grown file, the retry and the restyled summaries start like earlier prompts.
+    assert summary["suffix"]["prompt_tokens_reused"] > 0
+    assert summary["suffix"]["tokens_per_pass"] > summary["plain"]["tokens_per_pass"]
+    assert "Whole trace, wall time: plain" in table
 
 
 def test_prefill_cost_times_one_piece_and_every_chunk_size(tiny_dir, capsys):

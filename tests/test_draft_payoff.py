@@ -49,6 +49,16 @@ def test_the_cost_line_fits_what_was_measured_and_assumes_a_prior_slope_before()
     assert noisy.seconds(4) == pytest.approx(noisy.seconds(1))
 
 
+def test_measured_means_override_the_line_where_the_cost_jumps():
+    # On CPU the greedy head screens at most 8 positions; beyond, a pass costs far more than the line says.
+    cost = VerifyCostCurve()
+    for _ in range(3):
+        for positions, seconds in {1: 0.05, 9: 0.09, 17: 0.3}.items():
+            cost.record(positions, seconds)
+    assert cost.seconds(17) == pytest.approx(0.3) and cost.seconds(5) < cost.seconds(9)
+    assert best_draft_length([1.0] * 16, cost) == 8
+
+
 def test_the_cut_verifies_what_maximises_tokens_per_second_zero_included():
     flat = curve({1: 0.05, 9: 0.05})
     steep = curve({1: 0.05, 3: 0.15})  # each position costs as much as the first

@@ -13,7 +13,7 @@ from test_loading import PROMPT, write_tiny_gguf
 from tiny_checkpoints import build_tiny_checkpoint
 
 from mtp_mcp.engine import gguf_loading
-from mtp_mcp.engine.cpu_kernels import Int8ArgmaxScreen
+from mtp_mcp.engine.cpu_kernels import Int8ArgmaxScreen, use_cpu_kernels
 from mtp_mcp.engine.drafters.autoregressive import NoDrafter
 from mtp_mcp.engine.drafters.draft_model import DraftModelDrafter
 from mtp_mcp.engine.drafters.prompt_lookup import PromptLookupDrafter
@@ -262,3 +262,29 @@ def test_later_loads_read_the_int8_rows_kept_by_the_first(tmp_path: Path, monkey
     assert "ignoring the kept int8 weights" in caplog.text and set(dequantized_kinds) & set(BLOCKS)
     assert isinstance(again.model.get_input_embeddings(), Int8Embedding)
     assert gguf_loading._read_int8_rows(kept)  # readable again
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_transformers_modules_with_int8_weights_give_each_row_alone_too(tmp_path: Path, arch: str):
+    """Other int8 models run transformers' modules; their attention goes one row at a time as well (engine/
+    row_attention.py), so verification rows equal one-token rows bit for bit. Gemma 3 here with its lean pass off."""
+    path = build_tiny_checkpoint(tmp_path / arch, arch=arch)
+    loaded = load_model(str(path), device="cpu", quantize="int8")
+    use_cpu_kernels(loaded.model)
+    assert loaded.model.config._attn_implementation == "mtp_mcp_row_by_row"
+    torch.manual_seed(3)
+    tokens = torch.randint(3, loaded.model.config.vocab_size, (40,)).tolist()
+
+    def rows(chunk: int, steps: tuple[int, ...]) -> torch.Tensor:
+        target = TargetModel(loaded.model, prefill_chunk_tokens=chunk)
+        target._lean = None
+        with torch.inference_mode():
+            fed = [target.prefill(tokens[:12])]
+            position = 12
+            for step in steps:
+                fed.append(target.forward(tokens[position : position + step] + [0, 0], logits_for_last=0).hidden[:step])
+                target.rollback(2)
+                position += step
+        return torch.cat(fed)
+
+    assert torch.equal(rows(5, (4, 3, 5, 16)), rows(1, (1,) * 28))

@@ -341,17 +341,18 @@ def test_sampled_drafts_carry_the_distribution_they_were_drawn_from(loaded, name
 
 
 def test_auto_picks_native_mtp_when_the_checkpoint_has_it(loaded):
-    assert create_drafter("auto", loaded["qwen3_5"], None, 4).name == "mtp:qwen3_5"
-    assert create_drafter("auto", loaded["deepseek_v3"], None, 4).name == "mtp:deepseek_v3"
+    # auto runs the native MTP together with the suffix drafter (engine/drafters/combined.py)
+    assert create_drafter("auto", loaded["qwen3_5"], None, 4).name == "mtp:qwen3_5+suffix"
+    assert create_drafter("auto", loaded["deepseek_v3"], None, 4).name == "mtp:deepseek_v3+suffix"
 
 
 def test_auto_finds_the_gemma4_assistant_beside_the_target_or_takes_the_one_given(loaded, checkpoints, tmp_path):
-    assert create_drafter("auto", loaded["gemma4"], None, 4).name == "mtp:gemma4_assistant"
+    assert create_drafter("auto", loaded["gemma4"], None, 4).name == "mtp:gemma4_assistant+suffix"
     moved = tmp_path / "elsewhere"
     checkpoints["gemma4"].with_name("gemma4-assistant").rename(moved)
     try:
         assert create_drafter("auto", loaded["gemma4"], None, 4).name == "suffix"
-        assert create_drafter("auto", loaded["gemma4"], str(moved), 4).name == "mtp:gemma4_assistant"
+        assert create_drafter("auto", loaded["gemma4"], str(moved), 4).name == "mtp:gemma4_assistant+suffix"
         assert create_drafter("mtp", loaded["gemma4"], str(moved), 4).name == "mtp:gemma4_assistant"
     finally:
         moved.rename(checkpoints["gemma4"].with_name("gemma4-assistant"))
@@ -418,7 +419,7 @@ def test_a_checkpoint_with_incomplete_mtp_tensors(tmp_path):
 
 def test_auto_with_an_ordinary_draft_model_still_prefers_native_mtp(loaded, checkpoints, tmp_path):
     draft = build_tiny_checkpoint(tmp_path / "draft")
-    assert create_drafter("auto", loaded["qwen3_5"], str(draft), 4).name == "mtp:qwen3_5"
+    assert create_drafter("auto", loaded["qwen3_5"], str(draft), 4).name == "mtp:qwen3_5+suffix"
 
 
 def test_mtp_tensors_in_a_separate_file_are_found(tmp_path):
@@ -430,8 +431,26 @@ def test_mtp_tensors_in_a_separate_file_are_found(tmp_path):
     target = load_model(str(path), "cpu", "float32", progress=False)
     ids = prompt_ids(PROMPTS[0])
     result = run(target, create_drafter("auto", target, None, 3), ids, max_new_tokens=20)
-    assert result.stats.drafter == "mtp:qwen3_5" and result.stats.mean_tokens_per_pass > 1.4
+    assert result.stats.drafter == "mtp:qwen3_5+suffix" and result.stats.mean_tokens_per_pass > 1.4
     assert result.token_ids == reference(target.model, ids, 20)
+
+
+@pytest.mark.parametrize("name", ["qwen3_5-oracle", "gemma4-oracle", "deepseek_v3-2-layers-oracle"])
+def test_mtp_with_the_suffix_drafter_takes_the_longer_confident_draft_and_stays_lossless(loaded, name):
+    """A retry: the suffix drafter remembers the first answer, so its drafts (longer and sure) win over the MTP
+    head's; output stays the target's, greedy and with a seed."""
+    target = loaded[name]
+    ids = prompt_ids(PROMPTS[1])
+    drafter = create_drafter("auto", target, None, None)  # MTP 4 drafts, suffix up to 16
+    first = run(target, drafter, ids, max_new_tokens=40)
+    drafter.remember([*ids, *first.token_ids])
+    retry = run(target, drafter, ids, max_new_tokens=40)
+    alone = run(target, create_drafter("mtp", target, None, None), ids, max_new_tokens=40)
+    expected = reference(target.model, ids, 40)
+    assert first.token_ids == retry.token_ids == alone.token_ids == expected
+    assert retry.stats.mean_tokens_per_pass > 1.5 * alone.stats.mean_tokens_per_pass
+    sampled = [run(target, drafter, ids, max_new_tokens=20, temperature=0.8, seed=3).token_ids for _ in range(2)]
+    assert sampled[0] == sampled[1]
 
 
 def test_drafter_mtp_on_a_model_without_mtp(tmp_path):

@@ -54,22 +54,66 @@ def test_reused_prefixes_give_the_tokens_of_a_cold_run(models, name, drafter):
         reused_any = False
         for prompt, max_new_tokens in PROMPTS:
             request = GenerationRequest(prompt, max_new_tokens=max_new_tokens)
-            held = list(warm._target.ids)
+            held = [list(warm._target.ids)] + [list(parked.ids) for parked in warm._target._parked]
             got, expected = warm.generate(request), cold.generate(request)
             assert got.token_ids == expected.token_ids, prompt
             assert expected.stats.prompt_tokens_reused == 0
             prompt_ids = warm.encode(prompt)
-            shared = next((i for i, (a, b) in enumerate(zip(held, prompt_ids)) if a != b), min(len(held),
-                                                                                                 len(prompt_ids)))
-            reusable = min(shared, len(prompt_ids) - 1)  # the last prompt token is the first step's input
-            if not any_prefix and reusable != len(held):
-                reusable = 0
+            reusable = max(reusable_from(ids, prompt_ids, any_prefix) for ids in held)
             assert got.stats.prompt_tokens_reused == reusable, prompt
             reused_any |= reusable > 0
         assert reused_any
     finally:
         warm.close()
         cold.close()
+
+
+def reusable_from(held: list[int], prompt_ids: list[int], any_prefix: bool) -> int:
+    shared = next((i for i, (a, b) in enumerate(zip(held, prompt_ids)) if a != b), min(len(held), len(prompt_ids)))
+    reusable = min(shared, len(prompt_ids) - 1)  # the last prompt token is the first step's input
+    return reusable if any_prefix or reusable == len(held) else 0
+
+
+@pytest.mark.parametrize("name", ["llama (attention only)", "gemma3 (sliding windows)", "gemma3 int8 (lean cache)",
+                                  "qwen3.5 (recurrent states)"])
+def test_an_agent_working_on_two_texts_in_turn_keeps_both(models, name):
+    """A file, another file, the first file grown by its completion: the third call continues the first call's
+    cache, which was parked while the second ran; and a third text beyond the kept budget drops the oldest."""
+    loaded, any_prefix = models[name]
+    warm, cold = Engine(loaded, PromptLookupDrafter(4)), Engine(loaded, PromptLookupDrafter(4), prefix_cache=False)
+    try:
+        first = warm.generate(GenerationRequest(PROMPT, max_new_tokens=6))
+        first_held = list(warm._target.ids)
+        warm.generate(GenerationRequest("def add(a, b):\n    return a + b\n", max_new_tokens=6))
+        assert len(warm._target._parked) == 1
+        grown = PROMPT + first.text + " and"
+        request = GenerationRequest(grown, max_new_tokens=10)
+        got, expected = warm.generate(request), cold.generate(request)
+        assert got.token_ids == expected.token_ids
+        reusable = reusable_from(first_held, warm.encode(grown), any_prefix)
+        assert got.stats.prompt_tokens_reused == reusable
+        assert reusable >= len(warm.encode(PROMPT)) or not any_prefix  # (tokens may merge across the seam)
+    finally:
+        warm.close()
+        cold.close()
+
+
+def test_parked_caches_stay_within_the_budget(models, monkeypatch):
+    from mtp_mcp.engine import engine as engine_module
+    from mtp_mcp.engine.target import MAX_KEPT_SEQUENCES
+
+    loaded, _ = models["llama (attention only)"]
+    engine = Engine(loaded, NoDrafter())
+    try:
+        for i in range(MAX_KEPT_SEQUENCES + 3):
+            engine.generate(GenerationRequest(f"{i} text number {i}", max_new_tokens=3))
+        assert len(engine._target._parked) == MAX_KEPT_SEQUENCES
+        one = engine._target.cache_bytes()
+        monkeypatch.setattr(engine_module, "PREFIX_CACHE_MAX_BYTES", int(2.5 * one))
+        engine.generate(GenerationRequest("yet another text", max_new_tokens=3))
+        assert len(engine._target._parked) == 1 and engine._target.ids
+    finally:
+        engine.close()
 
 
 def test_sampling_with_a_seed_draws_the_same_tokens_warm_and_cold(models):
@@ -105,6 +149,6 @@ def test_a_failed_request_leaves_no_cache_behind(models):
         assert engine._target.ids
         with pytest.raises(Exception, match="beyond the model's context"):
             engine.generate(GenerationRequest("word " * 600, max_new_tokens=4))
-        assert not engine._target.ids and engine._target.cache_bytes() == 0
+        assert not engine._target.ids and engine._target.cache_bytes() == 0 and not engine._target._parked
     finally:
         engine.close()

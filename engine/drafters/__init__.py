@@ -4,7 +4,8 @@
 target as `<target>-assistant`), or MTP layers inside the checkpoint (Qwen3.5 / 3.6 / Next, DeepSeek-V3, GLM-4.5).
 `suffix` drafts from earlier requests' prompts and outputs as well as the current one, remembered across restarts.
 `auto` takes native MTP when the model has it (a checkpoint that only declares MTP layers, without their tensors,
-does not count), else a draft model when --draft-model is given, else `suffix`.
+does not count), together with `suffix` (the longer confident draft is verified: drafters/combined.py), else a draft
+model when --draft-model is given, else `suffix` alone.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from re import Pattern
 from mtp_mcp.engine.drafters import deepseek_mtp, qwen_mtp
 from mtp_mcp.engine.drafters.autoregressive import NoDrafter
 from mtp_mcp.engine.drafters.base import Draft, DraftContext, Drafter
+from mtp_mcp.engine.drafters.combined import MtpWithSuffixDrafter
 from mtp_mcp.engine.drafters.draft_model import DraftModelDrafter, check_same_vocabulary
 from mtp_mcp.engine.drafters.gemma4_assistant import (
     is_gemma4_assistant,
@@ -25,7 +27,7 @@ from mtp_mcp.engine.drafters.gemma4_assistant import (
 )
 from mtp_mcp.engine.drafters.mtp_heads import checkpoint_tensor_files
 from mtp_mcp.engine.drafters.prompt_lookup import PromptLookupDrafter
-from mtp_mcp.engine.drafters.suffix import load_suffix_drafter
+from mtp_mcp.engine.drafters.suffix import SuffixDrafter, load_suffix_drafter
 from mtp_mcp.engine.errors import InvalidRequestError, ModelLoadError
 from mtp_mcp.engine.loading import LoadedModel, load_model
 from mtp_mcp.engine.options import DEFAULT_NUM_DRAFT_TOKENS, DEFAULT_SUFFIX_DRAFT_TOKENS, check_drafter_choice
@@ -51,6 +53,8 @@ def create_drafter(name: str, target: LoadedModel, draft_model: str | None, num_
     if name in ("mtp", "auto"):
         native = _native_mtp_drafter(target, draft_model, num_draft_tokens or DEFAULT_NUM_DRAFT_TOKENS,
                                      required=name == "mtp")
+        if native is not None and name == "auto":
+            return MtpWithSuffixDrafter(native, _suffix(target, num_draft_tokens, memory_dir))
         if native is not None:
             return native
     if name == "draft-model" or draft_model is not None:
@@ -69,6 +73,10 @@ def create_drafter(name: str, target: LoadedModel, draft_model: str | None, num_
         return DraftModelDrafter(draft.model, num_draft_tokens or DEFAULT_NUM_DRAFT_TOKENS)
     if name == "ngram":
         return PromptLookupDrafter(num_draft_tokens or DEFAULT_NUM_DRAFT_TOKENS)
+    return _suffix(target, num_draft_tokens, memory_dir)
+
+
+def _suffix(target: LoadedModel, num_draft_tokens: int | None, memory_dir: Path | None) -> SuffixDrafter:
     return load_suffix_drafter(num_draft_tokens or DEFAULT_SUFFIX_DRAFT_TOKENS, target.tokenizer,
                                f"{target.name}\n{target.path}", memory_dir)
 

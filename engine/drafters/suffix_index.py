@@ -149,6 +149,8 @@ class GlobalIndex:
         return len(self._documents)
 
     def add(self, token_ids: list[int]) -> None:
+        if self.token_budget <= 0:  # a memory that keeps nothing
+            return
         document = np.asarray(token_ids[-self.token_budget :], dtype=np.int32)
         if not document.size:
             return
