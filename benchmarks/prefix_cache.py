@@ -36,17 +36,21 @@ def main() -> None:
     ids = loaded.tokenizer(source, add_special_tokens=False)["input_ids"]
     previous = loaded.tokenizer.decode(ids[:PREVIOUS_TOKENS])
     grown = loaded.tokenizer.decode(ids[: PREVIOUS_TOKENS + GROWTH])
-    warm, cold = Engine(loaded, NoDrafter()), Engine(loaded, NoDrafter(), prefix_cache=False)
+    cold = Engine(loaded, NoDrafter(), prefix_cache=False)
     warm_s, cold_s, reused = [], [], []
     try:
         for _ in range(args.repeats):
-            warm.generate(GenerationRequest(previous, max_new_tokens=1))
-            result = warm.generate(GenerationRequest(grown, max_new_tokens=1))
+            # A fresh warm engine each time: it holds only the previous call, not the grown prompt of a repeat.
+            warm = Engine(loaded, NoDrafter())
+            try:
+                warm.generate(GenerationRequest(previous, max_new_tokens=1))
+                result = warm.generate(GenerationRequest(grown, max_new_tokens=1))
+            finally:
+                warm.close()
             warm_s.append(result.stats.time_to_first_token_s)
             reused.append(result.stats.prompt_tokens_reused)
             cold_s.append(cold.generate(GenerationRequest(grown, max_new_tokens=1)).stats.time_to_first_token_s)
     finally:
-        warm.close()
         cold.close()
     info = machine_info()
     print(f"{loaded.name}, {loaded.quantization} weights, {torch.get_num_threads()} threads, {info['processor']}")

@@ -10,8 +10,9 @@ alone to exactly the keys a one-token pass at its position reads, with the same 
 way whatever came with it: speculative decoding is token-identical to plain decoding, bit for bit.
 
 The price is one attention call per row: nothing at one position, about +20% for a pass over 17 positions and
-+35-50% for a long prefill on 2 CPU cores (Gemma 3 270M). Used by the lean Gemma 3 pass and, through transformers'
-attention interface, by every other model with int8 weights.
++35-80% for a long prefill on 2 CPU cores (Gemma 3 270M, measured before its lean pass moved to aligned blocks of
+fixed shapes, which give the same guarantee at less cost: engine/lean_gemma3.py). Used, through transformers'
+attention interface, by every model with int8 weights that runs transformers' modules.
 """
 
 from __future__ import annotations
