@@ -26,7 +26,7 @@ from mtp_mcp.engine.options import EngineOptions, check_options
 
 DEFAULT_SERVER_NAME = "mtp-mcp"
 # Options of `install` that are about the installing, not passed on to `serve`.
-_INSTALL_ONLY = {"host", "config", "name", "print", "force", "run", "command"}
+_INSTALL_ONLY = {"host", "config", "name", "print", "force", "run", "command", "flag_options"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,9 +77,13 @@ def add_install_arguments(commands: argparse._SubParsersAction,
     add_engine_options(parser)
     # Options not given stay None and out of the entry: serve's own defaults stay serve's, so that a later
     # version's better default reaches this entry too.
+    # How to pass each on/off option given (--no-prefix-cache, --always-draft ...) back to serve.
+    flags = {action.dest: action.option_strings[0] for action in parser._actions
+             if isinstance(action, argparse._StoreFalseAction | argparse._StoreTrueAction)
+             and action.dest not in _INSTALL_ONLY}
     parser.set_defaults(**{action.dest: None for action in parser._actions
                            if action.dest not in _INSTALL_ONLY and action.dest != "help"})
-    parser.set_defaults(run=run_install)
+    parser.set_defaults(run=run_install, flag_options=flags)
     return parser
 
 
@@ -144,8 +148,8 @@ def _serve_arguments(args: argparse.Namespace) -> list[str]:
     for option, value in vars(args).items():
         if option in _INSTALL_ONLY or value is None:
             continue
-        if isinstance(value, bool):  # a flag, given: --no-prefix-cache is the only kind (store_false)
-            serve_arguments.append(f"--no-{option.replace('_', '-')}")
+        if isinstance(value, bool):  # an on/off option that was given
+            serve_arguments.append(args.flag_options[option])
             continue
         if option in ("model", "draft_model") and Path(value).expanduser().exists():
             value = str(Path(value).expanduser().resolve())

@@ -95,6 +95,17 @@ def test_print_shows_the_entry_and_writes_nothing(temp_home, capsys):
     assert not any(temp_home.rglob("*.json"))
 
 
+def test_on_off_options_are_passed_on_as_serve_spells_them(capsys):
+    flags = ["--no-prefix-cache", "--no-drafter-memory", "--always-draft"]
+    assert main(["install", "claude-desktop", "--print", "--drafter", "suffix", *flags]) == 0
+    args = json.loads(capsys.readouterr().out)["mcpServers"]["mtp-mcp"]["args"]
+    serve = args[args.index("serve"):]
+    assert sorted(serve[3:]) == sorted(flags) and serve[:3] == ["serve", "--drafter", "suffix"]
+    from mtp_mcp.cli import build_parser
+
+    assert not build_parser().parse_args(serve).draft_when_it_pays  # serve accepts what install wrote
+
+
 def test_bad_serve_options_are_refused_before_anything_is_written(tmp_path, capsys):
     config = tmp_path / "mcp.json"
     assert main(["install", "cursor", "--config", str(config), "--model", str(tmp_path / "missing")]) == 2
