@@ -2,11 +2,11 @@
 
 A pass over n positions costs c(n) seconds (VerifyCostCurve: measured by the decode loop itself, kept across
 requests). Verifying the first n drafted tokens yields 1 + E(n) tokens on average, E(n) = P_1 + ... + P_n, where P_i
-is the chance that drafted tokens 1..i are all accepted: the drafter's own confidence when it gives one (the suffix
-drafter's occurrence counts), else this request's record at draft position i. The rule verifies the n that
-maximises (1 + E(n)) / c(n + 1). The drafting time is spent by then, so it does not count here; it counts in the
-pause rule: a drafter whose recent steps, drafting included, yield fewer tokens per second than plain decoding would
-is not asked for PAUSE_STEPS steps, then for twice as many after each further loss.
+is the chance that drafted tokens 1..i are all accepted: this request's record at draft position i, or the drafter's
+own confidence where it gives one (the suffix drafter's occurrence counts) and it is lower. The rule verifies the n
+that maximises (1 + E(n)) / c(n + 1). The drafting time is spent by then, so it does not count here; it counts in
+the pause rule: a drafter whose recent steps, drafting included, yield fewer tokens per second than plain decoding
+would is not asked for PAUSE_STEPS steps, then for twice as many after each further loss.
 
 The record learns from every draft, verified or cut: once the tokens the draft guessed are committed, the length of
 their common prefix is what verification would have accepted (exactly so under greedy decoding; under sampling the
@@ -125,7 +125,13 @@ class DraftPayoff:
         if not tokens:
             return 0
         self.pending.append(_PendingDraft(first_index, list(tokens)))
-        return best_draft_length(confidence if confidence is not None else self._acceptance(len(tokens)), self.cost)
+        acceptance = self._acceptance(len(tokens))
+        if confidence is not None:
+            # The drafter's confidence, tempered by what its drafts actually achieved in this request: a suffix match
+            # seen once has confidence 1, which is often not so (on code prompts, trusting it alone cost ~10% of the
+            # decoding speed against taking the smaller of the two, in one interleaved run).
+            acceptance = [min(c, a) for c, a in zip(confidence, acceptance)]
+        return best_draft_length(acceptance, self.cost)
 
     def learn(self, token_ids: list[int]) -> None:
         """Compares the pending drafts with the committed tokens and records each one whose outcome is known."""

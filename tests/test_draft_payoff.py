@@ -96,6 +96,19 @@ def test_cut_drafts_are_learned_from_the_tokens_committed_later():
     assert len(payoff.pending) == 1  # its second token is not known yet
 
 
+def test_a_drafters_confidence_is_tempered_by_what_its_drafts_achieved():
+    cost = fixed({1: 0.05, 2: 0.06})  # +20% per position
+    payoff = DraftPayoff(cost)
+    sure = [1.0] * 8
+    assert payoff.cut([1] * 8, sure, 0) == 8  # the record's prior: half of the drafts held, still worth it all
+    tokens = [0]
+    for _ in range(10):  # sure, yet wrong every time
+        payoff.cut([7, 8, 9], sure[:3], len(tokens))
+        tokens.append(5)
+        payoff.learn(tokens)
+    assert payoff.cut([1] * 8, sure, len(tokens)) == 0
+
+
 def test_a_drafter_that_keeps_losing_is_paused_for_longer_each_time():
     payoff = DraftPayoff(curve({1: 0.05}))
     for _ in range(STEPS_BEFORE_PAUSE):
