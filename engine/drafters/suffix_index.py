@@ -162,9 +162,14 @@ class GlobalIndex:
                 self._documents.move_to_end(key)  # already held whole: only refresh it
                 self._rebuild()
                 return
-        self._documents[self._next_id] = document
-        self._next_id += 1
-        self._tokens += len(document)
+        self._append([document])
+
+    def _append(self, documents: list[np.ndarray]) -> None:
+        """Adds documents as the most recently used, then drops the least recently used beyond the budget."""
+        for document in documents:
+            self._documents[self._next_id] = document
+            self._next_id += 1
+            self._tokens += len(document)
         while self._tokens > self.token_budget:
             _, evicted = self._documents.popitem(last=False)
             self._tokens -= len(evicted)
@@ -227,12 +232,5 @@ class GlobalIndex:
             log.warning("ignoring the damaged drafter memory %s (%s); it will be replaced", path, error)
             return False
         # Saved documents are distinct already; the budget may have shrunk since.
-        for document in np.split(tokens, np.cumsum(lengths)[:-1]):
-            self._documents[self._next_id] = document
-            self._next_id += 1
-            self._tokens += len(document)
-        while self._tokens > self.token_budget:
-            _, evicted = self._documents.popitem(last=False)
-            self._tokens -= len(evicted)
-        self._rebuild()
+        self._append(np.split(tokens, np.cumsum(lengths)[:-1]))
         return True
