@@ -43,8 +43,10 @@ class VerifyCostCurve:
     def __init__(self) -> None:
         self._mean: dict[int, float] = {}
         self._count: dict[int, int] = {}
+        self._fitted: tuple[float, float] | None = None  # the line, fitted once per new measurement
 
     def record(self, positions: int, seconds: float) -> None:
+        self._fitted = None
         if positions not in self._mean:
             self._mean[positions], self._count[positions] = seconds, 1
             return
@@ -53,8 +55,11 @@ class VerifyCostCurve:
 
     def line(self) -> tuple[float, float] | None:
         """(a, b) of c(n) = a + b (n - 1); None before the first measurement."""
-        if not self._mean:
-            return None
+        if self._fitted is None and self._mean:
+            self._fitted = self._fit()
+        return self._fitted
+
+    def _fit(self) -> tuple[float, float]:
         if len(self._mean) == 1:
             (n, seconds), = self._mean.items()
             one = seconds / (1 + PRIOR_COST_SLOPE * (n - 1))

@@ -150,12 +150,13 @@ class LeanGemma3:
         hidden = self._embed(ids)  # [n, H], Gemma's sqrt(H) scale included
         positions = torch.arange(start, end)[None]
         rotary = {layer_type: self._rotary(hidden, positions, layer_type) for layer_type in self._layer_types}
+        masks: dict[tuple[int, bool], torch.Tensor] = {}  # (block start, sliding) -> mask, built once per feed
         for index, layer in enumerate(self._layers):
-            hidden = self._layer(index, layer, hidden, rotary[layer.layer_type], start, end)
+            hidden = self._layer(index, layer, hidden, rotary[layer.layer_type], masks, start, end)
         self.length = end
         return _rms_norm(hidden, self._final_norm, self._final_eps)
 
-    def _layer(self, index, layer, hidden, rotary, start, end):
+    def _layer(self, index, layer, hidden, rotary, masks, start, end):
         n = hidden.shape[0]
         x = _rms_norm(hidden, layer.norms[0], layer.eps)
         q, k, v = layer.qkv(x).split(layer.split, dim=-1)
@@ -166,14 +167,14 @@ class LeanGemma3:
         keys, values = self._keys[index], self._values[index]  # [kv_heads, capacity, head_dim]
         keys[:, start:end] = k.transpose(0, 1)
         values[:, start:end] = v.view(n, self._kv_heads, self._head_dim).transpose(0, 1)
-        attended = self._attend_in_blocks(q.transpose(0, 1), keys, values, start, end, layer)
+        attended = self._attend_in_blocks(q.transpose(0, 1), keys, values, masks, start, end, layer)
         attention = layer.o_proj(attended[0].transpose(0, 1).reshape(n, -1))
         hidden = hidden + _rms_norm(attention, layer.norms[1], layer.eps)
         x = _rms_norm(hidden, layer.norms[2], layer.eps)
         gate, up = layer.gate_up(x).chunk(2, dim=-1)
         return hidden + _rms_norm(layer.down(layer.act(gate) * up), layer.norms[3], layer.eps)
 
-    def _attend_in_blocks(self, q, keys, values, start, end, layer) -> torch.Tensor:
+    def _attend_in_blocks(self, q, keys, values, masks, start, end, layer) -> torch.Tensor:
         """q [heads, n, d] for positions start..end-1 -> [1, heads, n, d].
 
         A row's result must not depend on the rows fed with it (engine/row_attention.py says why: int8 levels turn
@@ -190,10 +191,12 @@ class LeanGemma3:
             rows = torch.zeros(q.shape[0], ATTENTION_BLOCK, q.shape[2])
             lo, hi = max(start, block_start), min(end, block_end)
             rows[:, lo - block_start : hi - block_start] = q[:, lo - start : hi - start]
+            mask = masks.get((block_start, layer.sliding))
+            if mask is None:
+                mask = masks[block_start, layer.sliding] = self._block_mask(block_start, first, layer.sliding)
             attended = F.scaled_dot_product_attention(
-                rows[None], keys[None, :, first:block_end], values[None, :, first:block_end],
-                attn_mask=self._block_mask(block_start, first, layer.sliding), scale=layer.scaling,
-                enable_gqa=True)
+                rows[None], keys[None, :, first:block_end], values[None, :, first:block_end], attn_mask=mask,
+                scale=layer.scaling, enable_gqa=True)
             out.append(attended[:, :, lo - block_start : hi - block_start])
         return torch.cat(out, dim=2)
 

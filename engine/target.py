@@ -155,31 +155,28 @@ class TargetModel:
             return torch.empty(0, hidden_size, dtype=self.model.dtype, device=self.device)
         return torch.cat(fed)
 
-    def _reusable_prefix(self, token_ids: list[int]) -> int:
-        """How many leading tokens of token_ids the live cache can keep exactly."""
+    def _reusable_prefix(self, token_ids: list[int], ids: list[int], state: tuple) -> int:
+        """How many leading tokens of token_ids a cache (its ids and state, as _park_state gives them) keeps exactly."""
         common = 0
-        for held, wanted in zip(self.ids, token_ids):
+        for held, wanted in zip(ids, token_ids):
             if held != wanted:
                 break
             common += 1
         if self._lean is not None:
             return common
-        if self.cache is None:
+        cache, recurrent_layers = state
+        if cache is None:
             return 0
-        only_whole = self._recurrent_layers or any(getattr(layer, "is_sliding", False) for layer in self.cache.layers)
-        return common if common == len(self.ids) or not only_whole else 0
+        only_whole = recurrent_layers or any(getattr(layer, "is_sliding", False) for layer in cache.layers)
+        return common if common == len(ids) or not only_whole else 0
 
     def _take_longest_prefix(self, token_ids: list[int]) -> int:
         """Makes live the cache (live or parked) that keeps the most of token_ids, parking the live one if another
         wins; returns how many tokens it keeps. When that would cut off FORK_MIN_TOKENS or more of it (another
         edit of the same file, a retry whose output a grown prompt may want later), the whole sequence is parked
         and a copy of the kept prefix goes live instead."""
-        reusable = [self._reusable_prefix(token_ids)]
-        live = self._park_state()
-        for parked in self._parked:
-            self._restore(parked.ids, parked.state)
-            reusable.append(self._reusable_prefix(token_ids))
-        self._restore(*live)
+        candidates = [self._park_state(), *((parked.ids, parked.state) for parked in self._parked)]
+        reusable = [self._reusable_prefix(token_ids, ids, state) for ids, state in candidates]
         best = max(reusable)
         if best == 0:
             return 0
