@@ -13,21 +13,18 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from mtp_mcp.engine.draft_payoff import DraftPayoff, VerifyCostCurve
 from mtp_mcp.engine.drafters.base import NO_DRAFT, DraftContext, Drafter
-from mtp_mcp.engine.request import FinishReason, GenerationRequest, GenerationResult
+from mtp_mcp.engine.request import FinishReason, GenerationRequest, GenerationResult, TextCallback
 from mtp_mcp.engine.sampling import probabilities
 from mtp_mcp.engine.stats import GenerationStats
 from mtp_mcp.engine.target import TargetModel
 from mtp_mcp.engine.text import IncrementalDetokenizer, StopStringMatcher
 from mtp_mcp.engine.verify import verify_greedy, verify_sampling
-
-TextCallback = Callable[[str, int], None]  # (new text, tokens generated so far)
 
 
 def generate(

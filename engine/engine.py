@@ -11,21 +11,26 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from concurrent.futures import Future
 
 import torch
 
 from mtp_mcp.engine.cpu_kernels import cpu_kernels_in_use, use_cpu_kernels
-from mtp_mcp.engine.decode import TextCallback, generate
+from mtp_mcp.engine.decode import generate
 from mtp_mcp.engine.draft_payoff import VerifyCostCurve
 from mtp_mcp.engine.drafters import create_drafter
 from mtp_mcp.engine.drafters.base import Drafter
 from mtp_mcp.engine.drafters.suffix import MEMORY_DIR
-from mtp_mcp.engine.errors import EngineBusyError, EngineClosedError, EngineError, InvalidRequestError
+from mtp_mcp.engine.errors import EngineBusyError, EngineClosedError, EngineError
 from mtp_mcp.engine.loading import LoadedModel, cache_root, load_model
 from mtp_mcp.engine.memory import release_freed_memory
 from mtp_mcp.engine.options import DEFAULT_MAX_QUEUED_REQUESTS, EngineOptions, check_options
-from mtp_mcp.engine.request import GenerationRequest, GenerationResult
+from mtp_mcp.engine.request import (
+    GenerationHandle,
+    GenerationRequest,
+    GenerationResult,
+    TextCallback,
+    check_fits_context,
+)
 from mtp_mcp.engine.stats import EngineTotals, GenerationStats
 from mtp_mcp.engine.target import TargetModel
 
@@ -35,25 +40,6 @@ log = logging.getLogger(__name__)
 # (the lean Gemma 3 270M cache: 36 KB per token, reserved 1,024 tokens at a time; a large model's long context is
 # dropped instead).
 PREFIX_CACHE_MAX_BYTES = 1 << 30
-
-class GenerationHandle:
-    """A submitted request: cancel it, or wait for its result."""
-
-    def __init__(self, request: GenerationRequest, on_text: TextCallback | None):
-        self.request = request
-        self.on_text = on_text
-        self.cancelled = threading.Event()
-        self.prompt_ids: list[int] = []  # set by the worker once it has encoded the prompt
-        self.future: Future[GenerationResult] = Future()
-
-    def cancel(self) -> None:
-        """Stops the generation within one engine step (or before it starts); the result has finish_reason
-        'cancelled' and holds the text generated so far."""
-        self.cancelled.set()
-
-    def result(self, timeout: float | None = None) -> GenerationResult:
-        return self.future.result(timeout)
-
 
 class Engine:
     def __init__(
@@ -94,6 +80,14 @@ class Engine:
         release_freed_memory()
         log.info("engine ready: %s on %s (%s), drafter %s", loaded.name, loaded.device, loaded.dtype, drafter.name)
         return engine
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    @property
+    def context_length(self) -> int:
+        return self.loaded.context_length
 
     @property
     def info(self) -> dict:
@@ -191,17 +185,7 @@ class Engine:
         prompt_ids = self.encode(request.prompt, request.add_special_tokens)
         handle.prompt_ids = prompt_ids
         context = self.loaded.context_length
-        if not prompt_ids:
-            raise InvalidRequestError("the prompt encodes to no tokens; give some text to continue")
-        if len(prompt_ids) >= context:
-            raise InvalidRequestError(
-                f"the prompt is {len(prompt_ids)} tokens, beyond the model's context of {context} tokens; shorten it"
-            )
-        if len(prompt_ids) + request.max_new_tokens > context:
-            raise InvalidRequestError(
-                f"the prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({request.max_new_tokens}) exceeds the "
-                f"model's context of {context} tokens; ask for at most {context - len(prompt_ids)} new tokens"
-            )
+        check_fits_context(len(prompt_ids), request.max_new_tokens, context)
         result = generate(
             self._target,
             self.drafter,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from mtp_mcp.engine.errors import InvalidRequestError, ModelLoadError
 
@@ -113,3 +114,48 @@ def check_source(source: str | None) -> None:
 def is_hub_id(source: str) -> bool:
     """'owner/name' that is not a local path: looked up in the local hub cache (never downloaded)."""
     return bool(_HUB_ID.fullmatch(source)) and not source.endswith(".gguf") and not Path(source).expanduser().exists()
+
+
+# --- the OpenAI-compatible upstream backend (engine/openai_upstream.py) ---
+
+UPSTREAM_KEY_ENV = "MTP_MCP_UPSTREAM_API_KEY"
+# Longest silence from the upstream (no connection, no next chunk) before a call is given up.
+DEFAULT_UPSTREAM_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamOptions:
+    base_url: str  # e.g. http://127.0.0.1:8000/v1
+    api_key: str | None = None
+    model: str | None = None  # the upstream's model name; None: the one it serves
+    tokenizer: str | None = None  # a local folder with the upstream model's tokenizer files; None: ask the upstream
+    timeout_s: float = DEFAULT_UPSTREAM_TIMEOUT_S
+    max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS
+
+    def __repr__(self) -> str:  # never show the key
+        return f"UpstreamOptions(base_url={redacted(self.base_url)!r}, model={self.model!r})"
+
+
+def check_upstream_options(options: UpstreamOptions) -> None:
+    """Raises the one-sentence error for anything wrong that shows without asking the upstream."""
+    parts = urlsplit(options.base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidRequestError(f"--base-url is {redacted(options.base_url)!r}; it must be an http:// or https:// "
+                                  "address such as http://127.0.0.1:8000/v1")
+    if not options.timeout_s > 0:
+        raise InvalidRequestError(f"--upstream-timeout is {options.timeout_s}; it must be more than 0 seconds")
+    if options.max_queued_requests < 1:
+        raise InvalidRequestError(f"max_queued_requests is {options.max_queued_requests}; it must be at least 1")
+    if options.tokenizer is not None and not Path(options.tokenizer).expanduser().is_dir():
+        raise InvalidRequestError(f"--tokenizer is {options.tokenizer!r}; it must be a folder holding the upstream "
+                                  "model's tokenizer files (tokenizer.json, tokenizer_config.json)")
+
+
+def redacted(url: str) -> str:
+    """The URL without credentials, query or fragment: what messages and logs may show of an upstream's address."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -92,6 +95,44 @@ class GenerationResult:
             "finish_reason": self.finish_reason,
             "stats": self.stats.to_dict(),
         }
+
+
+# (new text, tokens generated so far): called as text is accepted, on the thread that runs the generation.
+TextCallback = Callable[[str, int], None]
+
+
+class GenerationHandle:
+    """A submitted request: cancel it, or wait for its result."""
+
+    def __init__(self, request: GenerationRequest, on_text: TextCallback | None):
+        self.request = request
+        self.on_text = on_text
+        self.cancelled = threading.Event()
+        self.prompt_ids: list[int] = []  # set by the worker once it has encoded the prompt
+        self.future: Future[GenerationResult] = Future()
+
+    def cancel(self) -> None:
+        """Stops the generation within one engine step (or before it starts); the result has finish_reason
+        'cancelled' and holds the text generated so far."""
+        self.cancelled.set()
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        return self.future.result(timeout)
+
+
+def check_fits_context(prompt_tokens: int, max_new_tokens: int, context: int) -> None:
+    """Raises the one-sentence error for a prompt that, with the tokens asked for, does not fit the context."""
+    if prompt_tokens == 0:
+        raise InvalidRequestError("the prompt encodes to no tokens; give some text to continue")
+    if prompt_tokens >= context:
+        raise InvalidRequestError(
+            f"the prompt is {prompt_tokens} tokens, beyond the model's context of {context} tokens; shorten it"
+        )
+    if prompt_tokens + max_new_tokens > context:
+        raise InvalidRequestError(
+            f"the prompt ({prompt_tokens} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
+            f"model's context of {context} tokens; ask for at most {context - prompt_tokens} new tokens"
+        )
 
 
 def _is_number(value: object) -> bool:

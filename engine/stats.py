@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+# Who counted the speculation statistics: this engine; an upstream server's counters for this request alone, or
+# while other requests ran too (shares of shared counters); or nobody (the upstream does not report them).
+SpeculationCounts = Literal["engine", "upstream", "upstream_approximate", "not_reported"]
+_LEAST_CERTAIN_LAST: tuple[SpeculationCounts, ...] = ("engine", "upstream", "upstream_approximate", "not_reported")
 
 
 @dataclass(slots=True)
@@ -17,6 +23,7 @@ class GenerationStats:
     # Target passes that verified no drafted token: the drafter had none, was paused, or none was worth verifying.
     steps_without_draft: int = 0
     drafter_pauses: int = 0  # times the drafter was paused for losing to plain decoding (engine/draft_payoff.py)
+    speculation_counts: SpeculationCounts = "engine"
     # proposed_at[i] / accepted_at[i]: drafts offered / kept at draft position i (0 = first token after the last one)
     proposed_at: list[int] = field(default_factory=list)
     accepted_at: list[int] = field(default_factory=list)
@@ -40,7 +47,8 @@ class GenerationStats:
 
     def add(self, other: GenerationStats) -> None:
         """Adds another generation's counts and times to these (for one answer made of several generations).
-        The drafter and the time to first token stay this one's."""
+        The drafter and the time to first token stay this one's; the counts are as certain as the less certain."""
+        self.speculation_counts = max(self.speculation_counts, other.speculation_counts, key=_LEAST_CERTAIN_LAST.index)
         for name in ("prompt_tokens", "prompt_tokens_reused", "new_tokens", "target_passes", "draft_tokens_proposed",
                      "draft_tokens_accepted", "steps_without_draft", "drafter_pauses", "prefill_time_s",
                      "drafting_time_s", "verifying_time_s", "total_time_s"):

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from importlib.metadata import version
 from typing import TYPE_CHECKING, Annotated, Literal
 
+import anyio
 from fastmcp import Context, FastMCP
 from fastmcp.exceptions import ToolError
 from fastmcp.server.auth import AuthProvider
@@ -43,7 +44,7 @@ from mtp_mcp.server.summarise import count_words
 from mtp_mcp.server.summarise import summarise as summarise_text
 
 if TYPE_CHECKING:
-    from mtp_mcp.engine.engine import Engine
+    from mtp_mcp.engine.backend import GenerationBackend
 
 INSTRUCTIONS = (
     "Local text generation with a small language model made faster by speculative decoding (multi-token "
@@ -78,9 +79,14 @@ async def tool_call(call_watch: CallWatch) -> AsyncIterator[None]:
             raise ToolError(str(error)) from None
 
 
-def create_server(engine: Engine | Callable[[], Engine], *, auth: AuthProvider | None = None) -> FastMCP:
-    """engine: a ready engine (tests inject a tiny one; the caller closes it), or a function that loads one, called
-    once in the background when the server starts; that engine is closed when the server stops."""
+LOCAL_LOADING_NOTE = "a first start ever reads the GGUF's metadata once, about 90 s on 2 cores"
+
+
+def create_server(engine: GenerationBackend | Callable[[], GenerationBackend], *, auth: AuthProvider | None = None,
+                  loading_note: str = LOCAL_LOADING_NOTE) -> FastMCP:
+    """engine: a ready engine or upstream backend (tests inject one; the caller closes it), or a function that loads
+    one, called once in the background when the server starts; that one is closed when the server stops.
+    loading_note: what a call that waits for the load is told besides how long it has waited."""
 
     tools_listed = ToolsListed()
     call_watch = CallWatch()
@@ -105,8 +111,7 @@ def create_server(engine: Engine | Callable[[], Engine], *, auth: AuthProvider |
             # Progress must grow and the generation's own reports count tokens from 1: while loading it stays
             # below 1 (seconds / 1000). Each notification also resets the host's request timeout.
             await ctx.report_progress(min(seconds / 1000, 0.999), None,
-                                      f"the model is still loading ({seconds:.0f} s so far; a first start ever "
-                                      "reads the GGUF's metadata once, about 90 s on 2 cores)")
+                                      f"the model is still loading ({seconds:.0f} s so far; {loading_note})")
 
         return await ctx.lifespan_context["engine"].get(still_loading)
 
@@ -137,7 +142,8 @@ def create_server(engine: Engine | Callable[[], Engine], *, auth: AuthProvider |
             if prompt is not None:
                 built = Prompt(text=prompt, add_special_tokens=True)
             else:
-                built = chat_prompt(loaded.engine.loaded.tokenizer, messages)
+                # A tokenizer may ask the upstream to render the template (engine/upstream_tokenizer.py): off the loop.
+                built = await anyio.to_thread.run_sync(chat_prompt, loaded.engine.tokenizer, messages)
             request = built.request(max_new_tokens, stop or (), temperature=temperature, top_p=top_p, top_k=top_k,
                                     seed=seed)
             streamed = await generate_streamed(loaded.engine, request, progress_to(ctx, max_new_tokens))

@@ -27,7 +27,7 @@ from mtp_mcp.engine.request import GenerationRequest
 from mtp_mcp.server.prompts import FimStyle, detect_fim_style
 
 if TYPE_CHECKING:
-    from mtp_mcp.engine.engine import Engine
+    from mtp_mcp.engine.backend import GenerationBackend
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +41,17 @@ LOAD_START_DELAY_S = 2.0
 class LoadedEngine:
     """An engine that is ready, with what the tools need to know about its tokenizer, computed once."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: GenerationBackend):
         self.engine = engine
         self.fim_style: FimStyle | None = detect_fim_style(lambda text: engine.encode(text, add_special_tokens=False))
 
 
 class ResidentEngine:
-    def __init__(self, source: Engine | Callable[[], Engine]):
+    def __init__(self, source: GenerationBackend | Callable[[], GenerationBackend]):
         """source: a ready engine (the caller keeps ownership and closes it), or a function that loads one (called
         once, in a background thread; the engine it returns is warmed up here and closed by close())."""
         self._source = source
-        self._owned = callable(source)  # an Engine is not callable; a loader is
+        self._owned = callable(source)  # a backend is not callable; a loader is
         self._loaded: Future[LoadedEngine] = Future()
         # Running from the start: a cancelled waiter must never cancel the shared load.
         self._loaded.set_running_or_notify_cancel()

@@ -44,20 +44,42 @@ Messages = Annotated[
 FinishReason = Literal["eos", "stop_string", "length", "cancelled", "code_boundary", "repetition"]
 
 
+SPECULATION_COUNTED_BY = {
+    "engine": "this server's engine",
+    "upstream": "the upstream's counters (vLLM /metrics), over this call alone",
+    "upstream_approximate": "the upstream's counters (vLLM /metrics) while other calls ran too: approximate",
+    "not_reported": "not reported by the upstream",
+}
+
+
 class Speculation(BaseModel):
-    """How much multi-token prediction helped: every target pass yields between 1 and k+1 tokens."""
+    """How much multi-token prediction helped: every target pass yields between 1 and k+1 tokens. A count is null
+    where whoever generated the text does not report it (an upstream server, --backend openai)."""
 
     drafter: str = Field(description="what proposed the draft tokens (none: plain decoding)")
-    target_passes: int = Field(description="forward passes of the full model while decoding")
-    mean_tokens_per_pass: float = Field(description="tokens accepted per target pass, drafts kept plus the model's "
-                                        "own token; 1.0 means no gain over plain decoding")
-    acceptance_rate: float = Field(description="share of draft tokens the model agreed with")
-    draft_tokens_proposed: int
-    draft_tokens_accepted: int
-    steps_without_draft: int = Field(description="target passes that verified no drafted token: the drafter had "
-                                     "none, was paused, or none was expected to pay")
-    drafter_pauses: int = Field(description="times the drafter was paused for losing to plain decoding")
-    drafting_ms_per_pass: float = Field(description="what proposing cost per target pass, in milliseconds")
+    counted_by: str = Field(description="where these counts come from: " + "; ".join(SPECULATION_COUNTED_BY.values()))
+    target_passes: int | None = Field(description="forward passes of the full model while decoding")
+    mean_tokens_per_pass: float | None = Field(description="tokens accepted per target pass, drafts kept plus the "
+                                               "model's own token; 1.0 means no gain over plain decoding")
+    acceptance_rate: float | None = Field(description="share of draft tokens the model agreed with")
+    draft_tokens_proposed: int | None
+    draft_tokens_accepted: int | None
+    steps_without_draft: int | None = Field(description="target passes that verified no drafted token: the drafter "
+                                            "had none, was paused, or none was expected to pay")
+    drafter_pauses: int | None = Field(description="times the drafter was paused for losing to plain decoding")
+    drafting_ms_per_pass: float | None = Field(description="what proposing cost per target pass, in milliseconds")
+
+    @classmethod
+    def from_stats(cls, stats: GenerationStats) -> Speculation:
+        counts = stats.to_dict()
+        if stats.speculation_counts == "not_reported":
+            unknown = set(cls.model_fields) - {"drafter", "counted_by"}
+        elif stats.speculation_counts != "engine":  # vLLM has no pauses, and its drafting time is not its own
+            unknown = {"drafter_pauses", "drafting_ms_per_pass"}
+        else:
+            unknown = set()
+        counts |= dict.fromkeys(unknown)
+        return cls.model_validate(counts | {"counted_by": SPECULATION_COUNTED_BY[stats.speculation_counts]})
 
 
 class Timing(BaseModel):
@@ -87,7 +109,7 @@ class GenerationOutput(BaseModel):
             prompt_tokens=stats.prompt_tokens,
             prompt_tokens_reused=stats.prompt_tokens_reused,
             completion_tokens=stats.new_tokens,
-            speculation=Speculation.model_validate(stats.to_dict()),  # the fields it names; the rest is ignored
+            speculation=Speculation.from_stats(stats),
             timing=Timing(
                 time_to_first_token_s=round(stats.time_to_first_token_s, 4),
                 tokens_per_second=round(stats.tokens_per_second, 3),

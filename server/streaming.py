@@ -23,7 +23,7 @@ from mtp_mcp.engine.stats import GenerationStats
 from mtp_mcp.server.schemas import FinishReason
 
 if TYPE_CHECKING:
-    from mtp_mcp.engine.engine import Engine
+    from mtp_mcp.engine.backend import GenerationBackend
 
 # (tokens generated so far, new text): sends one progress notification.
 ProgressReport = Callable[[int, str], Awaitable[None]]
@@ -54,7 +54,7 @@ class StreamedGeneration:
 
 
 async def generate_streamed(
-    engine: Engine, request: GenerationRequest, report: ProgressReport, text_filter: TextFilter | None = None
+    engine: GenerationBackend, request: GenerationRequest, report: ProgressReport, text_filter: TextFilter | None = None
 ) -> StreamedGeneration:
     """Runs one request on the engine, reporting text as it is accepted. Raises EngineBusyError at once when the queue
     is full, and the engine's error when the generation fails. When the awaiting task is cancelled (the client

@@ -24,7 +24,7 @@ from mtp_mcp.server.schemas import FinishReason
 from mtp_mcp.server.streaming import generate_streamed
 
 if TYPE_CHECKING:
-    from mtp_mcp.engine.engine import Engine
+    from mtp_mcp.engine.backend import GenerationBackend
 
 # English runs ~1.2-1.4 tokens per word on the Gemma/Llama/Qwen tokenizers; the margin lets the word budget
 # (SummaryGuard), not the token budget, end most summaries on a whole sentence.
@@ -50,28 +50,32 @@ class SummaryOutcome:
 
 
 async def summarise(
-    engine: Engine, text: str, style: SummaryStyle, max_words: int, report: SummaryProgress
+    engine: GenerationBackend, text: str, style: SummaryStyle, max_words: int, report: SummaryProgress
 ) -> SummaryOutcome:
-    tokenizer = engine.loaded.tokenizer
+    tokenizer = engine.tokenizer
     final_tokens = max_words * TOKENS_PER_WORD
-    # The prompt around the text, for the final style and the paragraphs of partial summaries.
-    overhead = max([await anyio.to_thread.run_sync(engine.count_tokens, summary_prompt(tokenizer, "", s, max_words)
-                                                   .prompt.text) for s in {style, "paragraph"}])
-    room = engine.loaded.context_length - overhead - 8  # for the text and the summary; 8: merges at the joins
+
+    def prompt_overhead(piece_style: SummaryStyle) -> int:
+        return engine.count_tokens(summary_prompt(tokenizer, "", piece_style, max_words).prompt.text)
+
+    # The prompt around the text, for the final style and the paragraphs of partial summaries. Off the loop: a
+    # tokenizer may ask the upstream (engine/upstream_tokenizer.py).
+    overhead = max([await anyio.to_thread.run_sync(prompt_overhead, s) for s in {style, "paragraph"}])
+    room = engine.context_length - overhead - 8  # for the text and the summary; 8: merges at the joins
     # The final summary needs its text plus final_tokens to fit; a partial one its chunk plus a quarter of a chunk.
     input_budget = min(room - final_tokens, room * PARTIALS_PER_REDUCE // (PARTIALS_PER_REDUCE + 1), MAX_CHUNK_TOKENS)
     if input_budget < MIN_INPUT_TOKENS:
         fitting_words = max((room - MIN_INPUT_TOKENS) // TOKENS_PER_WORD, 0)
         raise InvalidRequestError(
             f"max_words {max_words} leaves no room for the text in the model's context of "
-            f"{engine.loaded.context_length} tokens; ask for at most {fitting_words} words"
+            f"{engine.context_length} tokens; ask for at most {fitting_words} words"
         )
     chunks = await anyio.to_thread.run_sync(split_into_chunks, text, input_budget, engine.count_tokens)
     partial_tokens = input_budget // PARTIALS_PER_REDUCE
     tracker = _ProgressTracker(report, planned=final_tokens + (partial_tokens * len(chunks) if len(chunks) > 1 else 0))
 
     async def summarise_one(source: str, piece_style: SummaryStyle, words: int, tokens: int, final: bool):
-        prompt = summary_prompt(tokenizer, source, piece_style, words)
+        prompt = await anyio.to_thread.run_sync(summary_prompt, tokenizer, source, piece_style, words)
         request = prompt.prompt.request(tokens)
         streamed = await generate_streamed(engine, request, tracker.reporter(final), SummaryGuard(prompt, words))
         tracker.finished(tokens, streamed.stats)

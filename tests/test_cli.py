@@ -84,7 +84,7 @@ def test_an_auth_token_that_starts_with_a_dash_is_taken_in_the_equals_form():
 def test_ctrl_c_cancels_the_running_generation(tiny_dir, monkeypatch):
     # Ctrl-C arrives as KeyboardInterrupt while the main thread waits for the result: the generation must be
     # cancelled (stopping within a step) before the engine is closed, not left to run to max_new_tokens.
-    from mtp_mcp.engine.engine import GenerationHandle
+    from mtp_mcp.engine.request import GenerationHandle
 
     handles = []
     wait = GenerationHandle.result

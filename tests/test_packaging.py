@@ -57,9 +57,9 @@ def test_the_wheel_installs_into_a_fresh_venv_and_imports_only_under_its_namespa
         assert run.returncode == 0 and "usage: mtp-mcp" in run.stdout, run.stderr
 
 
-def test_the_command_line_and_the_mcp_side_of_the_server_do_not_import_torch():
+def test_the_command_line_the_mcp_side_and_the_upstream_backend_do_not_import_torch():
     check = (
-        "import sys, mtp_mcp.cli, mtp_mcp.server.app, mtp_mcp.engine\n"
+        "import sys, mtp_mcp.cli, mtp_mcp.server.app, mtp_mcp.engine, mtp_mcp.engine.openai_upstream\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'))\n"
         "assert not heavy, heavy\n"
     )

