@@ -331,6 +331,8 @@ class UpstreamBackend:
                 raise EngineError(f"the upstream at {self.where} ended its stream before the generation finished")
         except asyncio.CancelledError:
             finish = "cancelled"  # leaving the `async with` closed the stream: the upstream aborts the request
+        except EngineError:
+            raise  # already one sentence (InvalidRequestError is a ValueError too)
         except (httpx2.HTTPError, ValidationError, ValueError) as error:
             raise upstream_failure(error, self.where, self.options.timeout_s) from None
         stats.total_time_s = time.perf_counter() - started

@@ -142,6 +142,9 @@ def check_upstream_options(options: UpstreamOptions) -> None:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidRequestError(f"--base-url is {redacted(options.base_url)!r}; it must be an http:// or https:// "
                                   "address such as http://127.0.0.1:8000/v1")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise InvalidRequestError(f"--base-url {redacted(options.base_url)!r} holds credentials, a query or a fragment; "
+                                  f"give the bare address, and a key through {UPSTREAM_KEY_ENV} or --api-key")
     if not options.timeout_s > 0:
         raise InvalidRequestError(f"--upstream-timeout is {options.timeout_s}; it must be more than 0 seconds")
     if options.max_queued_requests < 1:

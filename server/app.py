@@ -83,10 +83,12 @@ LOCAL_LOADING_NOTE = "a first start ever reads the GGUF's metadata once, about 9
 
 
 def create_server(engine: GenerationBackend | Callable[[], GenerationBackend], *, auth: AuthProvider | None = None,
-                  loading_note: str = LOCAL_LOADING_NOTE) -> FastMCP:
+                  loading_note: str | None = None) -> FastMCP:
     """engine: a ready engine or upstream backend (tests inject one; the caller closes it), or a function that loads
     one, called once in the background when the server starts; that one is closed when the server stops.
-    loading_note: what a call that waits for the load is told besides how long it has waited."""
+    loading_note: what a call that waits for the load is told besides how long it has waited (default: about the
+    local engine's load)."""
+    loading_note = loading_note or LOCAL_LOADING_NOTE
 
     tools_listed = ToolsListed()
     call_watch = CallWatch()

@@ -47,13 +47,21 @@ def add_serve_arguments(commands: argparse._SubParsersAction) -> argparse.Argume
     serve.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED_REQUESTS,
                        help="generations that may wait for the engine (with --backend openai: that may run upstream "
                        f"at once); beyond this, calls fail at once (default: {DEFAULT_MAX_QUEUED_REQUESTS})")
-    upstream = serve.add_argument_group("upstream (--backend openai)")
+    add_upstream_arguments(serve)
+    serve.set_defaults(run=run_serve)
+    return serve
+
+
+def add_upstream_arguments(parser: argparse.ArgumentParser, *, with_key: bool = True) -> None:
+    """--backend and the upstream's options (serve, and install, which writes no key into a host's file)."""
+    upstream = parser.add_argument_group("upstream (--backend openai)")
     upstream.add_argument("--backend", choices=["local", "openai"], default="local",
                           help="local: the engine in this process (default); openai: send generation to an "
                           "OpenAI-compatible server such as vLLM, SGLang, llama-server or Ollama")
     upstream.add_argument("--base-url", help="the upstream's API address, e.g. http://127.0.0.1:8000/v1")
-    upstream.add_argument("--api-key", help=f"key for the upstream (default: ${UPSTREAM_KEY_ENV}, which is better: a "
-                          "key on the command line is visible in `ps`)")
+    if with_key:
+        upstream.add_argument("--api-key", help=f"key for the upstream (default: ${UPSTREAM_KEY_ENV}, which is better: "
+                              "a key on the command line is visible in `ps`)")
     upstream.add_argument("--upstream-model", help="the upstream's model name (default: the one model it serves)")
     upstream.add_argument("--tokenizer", help="a folder with the upstream model's tokenizer files, for token counts "
                           "and chat templates here (default: ask the upstream's /tokenize, which vLLM and SGLang "
@@ -61,26 +69,20 @@ def add_serve_arguments(commands: argparse._SubParsersAction) -> argparse.Argume
     upstream.add_argument("--upstream-timeout", type=float, default=DEFAULT_UPSTREAM_TIMEOUT_S,
                           help="seconds the upstream may stay silent (connecting, or between two pieces of text) "
                           f"before a call is given up (default: {DEFAULT_UPSTREAM_TIMEOUT_S:g})")
-    serve.set_defaults(run=run_serve)
-    return serve
 
 
 def run_serve(args: argparse.Namespace) -> int:
     # Checked before anything slow starts; each problem is one sentence (main() exits with status 2). What needs
     # torch or the model's files to check (is CUDA there, does the file load) is reported by every tool call.
     token = args.auth_token or os.environ.get(TOKEN_ENV) or None
-    if args.backend == "openai":
-        load, loading_note = _upstream_loader(args)
+    upstream = checked_backend_options(args, args.engine_options)
+    if upstream is not None:
+        load = partial(_load_upstream, upstream)
+        loading_note = f"waiting for the upstream at {redacted(upstream.base_url)} to answer"
     else:
-        for flag, value in (("--base-url", args.base_url), ("--upstream-model", args.upstream_model),
-                            ("--tokenizer", args.tokenizer)):
-            if value is not None:
-                raise InvalidRequestError(f"{flag} is for --backend openai; the local backend runs --model itself")
-        options: EngineOptions = args.engine_options
-        check_options(options)
         # The engine (torch and transformers with it) is imported and loaded in the background, after the server
         # already answers the MCP handshake and tool listings.
-        load, loading_note = partial(_load_engine, options), None
+        load, loading_note = partial(_load_engine, args.engine_options), None
     if args.transport == "http":
         if not 1 <= args.port <= 65535:
             raise InvalidRequestError(f"--port is {args.port}; it must be from 1 to 65535")
@@ -102,7 +104,7 @@ def run_serve(args: argparse.Namespace) -> int:
     auth = None
     if args.transport == "http" and token is not None:
         auth = StaticTokenVerifier(tokens={token: {"client_id": "mtp-mcp-client", "scopes": []}})
-    server = create_server(load, auth=auth, **({"loading_note": loading_note} if loading_note else {}))
+    server = create_server(load, auth=auth, loading_note=loading_note)
     if args.transport == "stdio":
         server.run("stdio", show_banner=False)
     else:
@@ -118,21 +120,36 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _upstream_loader(args: argparse.Namespace):
-    """The function that connects to the upstream (in the background, like the engine's load), and what a call that
-    waits for it is told."""
-    engine = args.engine_options
+def checked_backend_options(args: argparse.Namespace, engine: EngineOptions) -> UpstreamOptions | None:
+    """The upstream's options with --backend openai, None for the local engine; raises the one-sentence error for
+    anything wrong with either."""
+    if args.backend == "openai":
+        return upstream_options(args, engine)
+    for flag, value in (("--base-url", args.base_url), ("--upstream-model", args.upstream_model),
+                        ("--tokenizer", args.tokenizer)):
+        if value is not None:
+            raise InvalidRequestError(f"{flag} is for --backend openai; the local backend runs --model itself")
+    check_options(engine)
+    return None
+
+
+def upstream_options(args: argparse.Namespace, engine: EngineOptions) -> UpstreamOptions:
+    """The checked upstream options of a command line with --backend openai."""
     if args.base_url is None:
         raise InvalidRequestError("--backend openai needs --base-url, the upstream's API address such as "
                                   "http://127.0.0.1:8000/v1")
     if engine.model is not None or engine.draft_model is not None:
         raise InvalidRequestError("--model and --draft-model are for the local backend; with --backend openai the "
                                   "upstream serves the model (choose among its models with --upstream-model)")
-    options = UpstreamOptions(base_url=args.base_url, api_key=args.api_key or os.environ.get(UPSTREAM_KEY_ENV) or None,
-                              model=args.upstream_model, tokenizer=args.tokenizer, timeout_s=args.upstream_timeout,
-                              max_queued_requests=args.max_queued_requests)
+    options = UpstreamOptions(
+        base_url=args.base_url, api_key=getattr(args, "api_key", None) or os.environ.get(UPSTREAM_KEY_ENV) or None,
+        model=args.upstream_model, tokenizer=args.tokenizer,
+        # install leaves options not given as None: serve's defaults
+        timeout_s=DEFAULT_UPSTREAM_TIMEOUT_S if args.upstream_timeout is None else args.upstream_timeout,
+        max_queued_requests=(DEFAULT_MAX_QUEUED_REQUESTS if args.max_queued_requests is None
+                             else args.max_queued_requests))
     check_upstream_options(options)
-    return partial(_load_upstream, options), f"waiting for the upstream at {redacted(options.base_url)} to answer"
+    return options
 
 
 def _load_upstream(options: UpstreamOptions):

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mtp_mcp.engine.errors import InvalidRequestError
-from mtp_mcp.engine.options import EngineOptions, check_options
+from mtp_mcp.engine.options import EngineOptions
+from mtp_mcp.server.cli import add_upstream_arguments, checked_backend_options
 
 DEFAULT_SERVER_NAME = "mtp-mcp"
 # Options of `install` that are about the installing, not passed on to `serve`.
@@ -75,6 +76,7 @@ def add_install_arguments(commands: argparse._SubParsersAction,
                         "not an mtp-mcp server")
     parser.add_argument("--max-queued-requests", type=int, help="passed on to `mtp-mcp serve`")
     add_engine_options(parser)
+    add_upstream_arguments(parser, with_key=False)  # the key stays in the environment, not in the host's file
     # Options not given stay None and out of the entry: serve's own defaults stay serve's, so that a later
     # version's better default reaches this entry too.
     # How to pass each on/off option given (--no-prefix-cache, --always-draft ...) back to serve.
@@ -90,8 +92,9 @@ def add_install_arguments(commands: argparse._SubParsersAction,
 def run_install(args: argparse.Namespace) -> int:
     host = HOSTS[args.host]
     # An entry that cannot start is worse than none: the host would show a failed server.
-    check_options(EngineOptions(**{field: getattr(args, field) for field in EngineOptions.__slots__
-                                   if getattr(args, field, None) is not None}))
+    engine = EngineOptions(**{field: getattr(args, field) for field in EngineOptions.__slots__
+                              if getattr(args, field, None) is not None})
+    checked_backend_options(args, engine)
     entry = server_entry(_serve_arguments(args), host)
     if args.print:
         json.dump({"mcpServers": {args.name: entry}}, sys.stdout, indent=2)

@@ -106,6 +106,23 @@ def test_on_off_options_are_passed_on_as_serve_spells_them(capsys):
     assert not build_parser().parse_args(serve).draft_when_it_pays  # serve accepts what install wrote
 
 
+def test_an_upstream_entry_passes_the_backend_on_and_keeps_the_key_out(capsys, monkeypatch):
+    monkeypatch.setenv("MTP_MCP_UPSTREAM_API_KEY", "sk-secret")
+    upstream = ["--backend", "openai", "--base-url", "http://gpu-box:8000/v1", "--upstream-model", "qwen"]
+    assert main(["install", "claude-desktop", "--print", *upstream]) == 0
+    printed = capsys.readouterr().out
+    args = json.loads(printed)["mcpServers"]["mtp-mcp"]["args"]
+    serve = args[args.index("serve"):]
+    assert sorted(serve[1:]) == sorted(upstream) and "sk-secret" not in printed
+    from mtp_mcp.cli import build_parser
+
+    assert build_parser().parse_args(serve).base_url == "http://gpu-box:8000/v1"
+    assert main(["install", "claude-desktop", "--print", "--backend", "openai"]) == 2
+    assert "needs --base-url" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a key is not written into a host's file
+        main(["install", "claude-desktop", "--print", *upstream, "--api-key", "sk-secret"])
+
+
 def test_bad_serve_options_are_refused_before_anything_is_written(tmp_path, capsys):
     config = tmp_path / "mcp.json"
     assert main(["install", "cursor", "--config", str(config), "--model", str(tmp_path / "missing")]) == 2

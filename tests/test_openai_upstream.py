@@ -16,7 +16,6 @@ from vllm_upstream import VllmServer
 
 from mtp_mcp.engine.openai_upstream import UpstreamBackend
 from mtp_mcp.engine.options import UpstreamOptions
-from mtp_mcp.engine.request import GenerationRequest
 from mtp_mcp.server.app import create_server
 from mtp_mcp.server.prompts import continuation_prompt
 
