@@ -5,6 +5,7 @@ benchmarks/cli.py."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import copy
 import dataclasses
 import importlib.util
@@ -28,16 +29,18 @@ from mtp_mcp.benchmarks.report import (
     write_json,
 )
 from mtp_mcp.benchmarks.runner import run_interleaved, summarise_runs
+from mtp_mcp.benchmarks.upstream import run_upstream_bench, upstream_table
 from mtp_mcp.benchmarks.verify_cost import measure_verify_cost
 from mtp_mcp.benchmarks.workloads import VERIFY_COST_CACHE_TOKENS, VERIFY_COST_POSITIONS, load_prompts
 from mtp_mcp.engine.cpu_kernels import use_cpu_kernels
 from mtp_mcp.engine.drafters import Drafter, create_drafter
 from mtp_mcp.engine.drafters.gemma4_assistant import is_gemma4_assistant
-from mtp_mcp.engine.errors import InvalidRequestError, ModelLoadError
-from mtp_mcp.engine.loading import LoadedModel, load_model, resolve_quantize
 from mtp_mcp.engine.drafters.suffix import SuffixDrafter
 from mtp_mcp.engine.drafters.suffix_index import GlobalIndex
-from mtp_mcp.engine.options import DEFAULT_SUFFIX_DRAFT_TOKENS, DRAFTER_NAMES
+from mtp_mcp.engine.errors import InvalidRequestError, ModelLoadError
+from mtp_mcp.engine.loading import LoadedModel, load_model, resolve_quantize
+from mtp_mcp.engine.openai_upstream import UpstreamBackend
+from mtp_mcp.engine.options import DEFAULT_SUFFIX_DRAFT_TOKENS, DRAFTER_NAMES, UPSTREAM_KEY_ENV, UpstreamOptions
 from mtp_mcp.engine.target import TargetModel
 
 log = logging.getLogger("mtp-mcp.bench")
@@ -48,6 +51,8 @@ def run_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.agent_trace:
         return _run_agent_trace(args)
+    if args.upstream:
+        return _run_upstream(args)
     # transformers runs the float model (a GGUF dequantized): the reference every engine row is checked against.
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, quantize="none")
     memory = PeakMemory(loaded.device)
@@ -157,6 +162,26 @@ def _run_agent_trace(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, {"meta": meta | {"load_average_after": os.getloadavg()},
                                "summary": summarise_trace(records), "calls": records_json(records)})
+    return 0
+
+
+def _run_upstream(args: argparse.Namespace) -> int:
+    """No model here: the upstream generates; its own tokenizer renders the prompts."""
+    options = UpstreamOptions(base_url=args.upstream, api_key=os.environ.get(UPSTREAM_KEY_ENV) or None)
+    backend = UpstreamBackend.load(options, start_wait_s=0)
+    try:
+        workloads = [w for w in args.workloads if w != "chat"]  # plain prompts only: generate(prompt=...) sends those
+        prompts = load_prompts(workloads, backend.tokenizer, args.prompts_per_workload)
+        runs = asyncio.run(run_upstream_bench(backend, prompts, args.max_new_tokens, tuple(args.concurrency)))
+    finally:
+        backend.close()
+    print(upstream_table(runs, backend.model, backend.where))
+    if args.json:
+        meta = machine_info() | {"upstream": backend.info, "prompts": len(prompts),
+                                 "max_new_tokens": args.max_new_tokens}
+        write_json(args.json, {"meta": meta, "runs": [dataclasses.asdict(run) | {"tokens_per_second":
+                                                                                  run.tokens_per_second}
+                                                       for run in runs]})
     return 0
 
 

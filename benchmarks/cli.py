@@ -5,6 +5,8 @@ read by every `mtp-mcp` invocation, which must not import torch).
     mtp-mcp bench --verify-cost     one greedy verification step over n = 1..16 positions, as ratios to n = 1
     mtp-mcp bench --agent-trace     a coding agent's session of tool calls, replayed by plain decoding, per-request
                                     ngram and the server's defaults (suffix drafter, prefix cache)
+    mtp-mcp bench --upstream URL    prompts sent to an OpenAI-compatible upstream straight and through the MCP
+                                    tools (--backend openai), at several concurrency levels
 """
 
 from __future__ import annotations
@@ -46,6 +48,12 @@ def add_bench_arguments(commands: argparse._SubParsersAction) -> argparse.Argume
                         help="instead: replay a coding agent's session of tool calls (benchmarks/workloads/agent) "
                         "through the MCP server with plain decoding, per-request ngram without a prefix cache, and "
                         "the defaults (suffix drafter, prefix cache, drafts cut to what pays); per call and overall")
+    parser.add_argument("--upstream", metavar="URL",
+                        help="instead: time the shipped code and summarise prompts sent to an OpenAI-compatible "
+                        "upstream (e.g. http://127.0.0.1:8000/v1) straight and through the MCP tools over "
+                        "--backend openai, at each --concurrency; the key comes from $MTP_MCP_UPSTREAM_API_KEY")
+    parser.add_argument("--concurrency", type=_positive_int_list, default=[1, 4, 8],
+                        help="with --upstream: calls in flight at once, comma-separated (default: 1,4,8)")
     parser.add_argument("--threads", type=_positive_int,
                         help="torch CPU threads for the whole run (default: torch's, one per core); on a machine "
                         "shared with other busy processes, 1 avoids threads waiting for each other at every operation")
@@ -74,6 +82,16 @@ def _workload_list(value: str) -> list[str]:
             f"'{value}' is not a list of workloads; give a comma-separated list from: {', '.join(WORKLOAD_NAMES)}"
         )
     return list(dict.fromkeys(names))
+
+
+def _positive_int_list(value: str) -> list[int]:
+    try:
+        numbers = [int(part) for part in value.split(",")]
+    except ValueError:
+        numbers = []
+    if not numbers or min(numbers) < 1:
+        raise argparse.ArgumentTypeError(f"'{value}' is not a comma-separated list of whole numbers from 1")
+    return numbers
 
 
 def _positive_int(value: str) -> int:

@@ -92,6 +92,7 @@ class Engine:
     @property
     def info(self) -> dict:
         return {
+            "backend": "local",
             "model": self.loaded.name,
             "path": self.loaded.path,
             "device": str(self.loaded.device),

@@ -139,7 +139,8 @@ class UpstreamBackend:
     @property
     def drafter_name(self) -> str:
         if self.reports_speculation:
-            return f"upstream: vLLM {self.upstream_version} speculative decoding".replace("  ", " ")
+            version = f" {self.upstream_version}" if self.upstream_version else ""
+            return f"upstream: vLLM{version} speculative decoding"
         return "upstream (speculation not reported)"
 
     @property
@@ -302,7 +303,7 @@ class UpstreamBackend:
             stats.prompt_tokens = len(prompt_ids)
             if self.reports_speculation:
                 counters_before = await self._speculation_counters()
-            async with self._api.stream("POST", "completions", json=self._completion_body(request)) as response:
+            async with self._api.stream("POST", "completions", json=self.completion_body(request)) as response:
                 if response.is_error:
                     await response.aread()
                     response.raise_for_status()
@@ -343,7 +344,8 @@ class UpstreamBackend:
             stats.speculation_counts = "not_reported"
         return GenerationResult(text="".join(parts), token_ids=[], finish_reason=finish, stats=stats)
 
-    def _completion_body(self, request: GenerationRequest) -> dict:
+    def completion_body(self, request: GenerationRequest) -> dict:
+        """The /v1/completions body for `request`, streamed."""
         body = {
             "model": self.model,
             "prompt": request.prompt,

@@ -20,6 +20,8 @@ from tiny_checkpoints import GEMMA_STYLE_CHAT_TEMPLATE, build_tiny_checkpoint
 from transformers import AutoTokenizer
 from vllm_upstream import VllmServer
 
+from mtp_mcp.benchmarks.upstream import run_upstream_bench, upstream_table
+from mtp_mcp.benchmarks.workloads import Prompt
 from mtp_mcp.engine.openai_upstream import UpstreamBackend
 from mtp_mcp.engine.options import UPSTREAM_KEY_ENV, UpstreamOptions
 from mtp_mcp.server.app import create_server
@@ -173,6 +175,16 @@ async def test_concurrent_calls_run_together_upstream_within_the_bound(vllm):
         assert answered[0]["text"] == answered[1]["text"] == vllm.completion(REPETITIVE, 300)["text"]
     finally:
         backend.close()
+
+
+async def test_the_upstream_bench_times_both_ways_on_the_same_prompts(backend):
+    prompts = [Prompt("code", f"p{i}", f"def f{i}(x):\n    return x + {i}\n\ndef g{i}(y):", True) for i in range(3)]
+    runs = await run_upstream_bench(backend, prompts, max_new_tokens=24, levels=(1, 3))
+    assert [(run.way, run.concurrency) for run in runs] == [("direct", 1), ("mcp", 1), ("direct", 3), ("mcp", 3)]
+    assert all(run.tokens == 3 * 24 and run.wall_s > 0 for run in runs)
+    assert runs[1].texts == runs[0].texts  # one at a time, both ways give vLLM's greedy text
+    table = upstream_table(runs, backend.model, backend.where)
+    assert table.count("| mcp |") == 2 and "| 1 | mcp |" in table
 
 
 async def test_mtp_mcp_serve_over_stdio_in_front_of_vllm(vllm, tmp_path, monkeypatch):
