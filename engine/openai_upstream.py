@@ -355,6 +355,9 @@ class UpstreamBackend:
             "stream": True,
             # vLLM: token counts in every chunk, so progress counts tokens, not chunks.
             "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+            # As the local engine does, special tokens come back as text: a FIM end marker such as <|file_separator|>
+            # must reach the stop strings that end the infill (vLLM and SGLang skip them by default).
+            "skip_special_tokens": False,
         }
         if request.top_k:
             body["top_k"] = request.top_k

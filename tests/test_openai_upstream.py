@@ -25,7 +25,7 @@ from mtp_mcp.benchmarks.workloads import Prompt
 from mtp_mcp.engine.openai_upstream import UpstreamBackend
 from mtp_mcp.engine.options import UPSTREAM_KEY_ENV, UpstreamOptions
 from mtp_mcp.server.app import create_server
-from mtp_mcp.server.prompts import continuation_prompt
+from mtp_mcp.server.prompts import FIM_STYLES
 
 MTP_MCP = shutil.which("mtp-mcp") or str(Path(sys.executable).with_name("mtp-mcp"))
 # Repeats, so that vLLM's n-gram drafter finds matches in the prompt and its output.
@@ -46,8 +46,10 @@ class Progress:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     # head_dim 32: vLLM's CPU attention rejects 16. <eos> unreachable: every generation runs to its token limit.
+    # Chat template and FIM tokens: both prompt framings go through the upstream's tokenizer.
     return build_tiny_checkpoint(tmp_path_factory.mktemp("vllm-model") / "tiny", arch="llama", head_dim=32,
-                                 context_length=2048, chat_template=GEMMA_STYLE_CHAT_TEMPLATE, eos_reachable=False)
+                                 context_length=2048, chat_template=GEMMA_STYLE_CHAT_TEMPLATE, fim=True,
+                                 eos_reachable=False)
 
 
 @pytest.fixture(scope="module")
@@ -119,13 +121,16 @@ async def test_stop_strings_and_sampling_options_reach_the_upstream(client, vllm
 
 
 async def test_complete_code_and_summarise_run_through_the_upstream(client, vllm):
-    prefix = "def add(a, b):\n    "
-    result = await client.call_tool("complete_code", {"prefix": prefix, "max_new_tokens": 40})
+    prefix, suffix = "def add(a, b):\n    ", "\n\nprint(add(1, 2))\n"
+    result = await client.call_tool("complete_code", {"prefix": prefix, "suffix": suffix, "max_new_tokens": 60})
     code = result.structured_content
-    assert code["mode"] == "continuation"  # the tiny model has no FIM tokens
-    prompt = continuation_prompt(prefix, "", None)
-    own = vllm.completion(prompt.text, 40, stop=list(prompt.stop))["text"]
-    assert own.startswith(code["text"])  # the code boundary may cut the upstream's text, never change it
+    assert code["mode"] == "fill_in_the_middle"  # the FIM tokens were found through the upstream's /tokenize
+    fim = FIM_STYLES[0].prompt(prefix, suffix)
+    # vLLM's own infill, special tokens kept as text, cut at the first end marker as the stop strings do.
+    own = vllm.completion(fim.text, 60, skip_special_tokens=False)["text"]
+    ends = [own.index(marker) for marker in fim.stop if marker in own]
+    assert code["text"] == own[: min(ends, default=len(own))]
+    assert code["finish_reason"] == ("stop_string" if ends else "length")
     summary = await client.call_tool("summarise", {"text": "One sentence here. " * 40, "max_words": 20},
                                      raise_on_error=False)
     if summary.is_error:  # random weights may write nothing; then the tool says so in one sentence
@@ -183,6 +188,8 @@ async def test_the_upstream_bench_times_both_ways_on_the_same_prompts(backend):
     assert [(run.way, run.concurrency) for run in runs] == [("direct", 1), ("mcp", 1), ("direct", 3), ("mcp", 3)]
     assert all(run.tokens == 3 * 24 and run.wall_s > 0 for run in runs)
     assert runs[1].texts == runs[0].texts  # one at a time, both ways give vLLM's greedy text
+    # vLLM reports its prefix cache and its drafts, which held on these repetitive prompts both ways.
+    assert all(run.prompt_tokens_cached is not None and run.draft_tokens_accepted > 0 for run in runs)
     table = upstream_table(runs, backend.model, backend.where)
     assert table.count("| mcp |") == 2 and "| 1 | mcp |" in table
 
