@@ -14,6 +14,7 @@ import threading
 
 import torch
 
+from mtp_mcp.engine.backend import GenerationBackend
 from mtp_mcp.engine.cpu_kernels import cpu_kernels_in_use, use_cpu_kernels
 from mtp_mcp.engine.decode import generate
 from mtp_mcp.engine.draft_payoff import VerifyCostCurve
@@ -31,7 +32,7 @@ from mtp_mcp.engine.request import (
     TextCallback,
     check_fits_context,
 )
-from mtp_mcp.engine.stats import EngineTotals, GenerationStats
+from mtp_mcp.engine.stats import GenerationStats
 from mtp_mcp.engine.target import TargetModel
 
 log = logging.getLogger(__name__)
@@ -41,27 +42,23 @@ log = logging.getLogger(__name__)
 # dropped instead).
 PREFIX_CACHE_MAX_BYTES = 1 << 30
 
-class Engine:
+class Engine(GenerationBackend):
     def __init__(
         self, loaded: LoadedModel, drafter: Drafter, max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS,
         prefix_cache: bool = True, draft_when_it_pays: bool = True,
     ):
+        super().__init__()
         self.loaded = loaded
         self.drafter = drafter
         self.prefix_cache = prefix_cache
         # The measured cost of a target pass per number of positions, learned across requests by the decode loop;
         # None verifies every drafted token (--always-draft).
         self.verify_cost = VerifyCostCurve() if draft_when_it_pays else None
-        self.totals = EngineTotals()
         self._target = TargetModel(loaded.model)
         self._target.check_output_path()
         self._eos_ids = _eos_ids(loaded)
         self._tokenizer_lock = threading.Lock()  # fast tokenizers must not encode from two threads at once
-        self._totals_lock = threading.Lock()
         self._queue: queue.Queue[GenerationHandle | None] = queue.Queue(maxsize=max_queued_requests)
-        # Guards _closed against submit: a request queued after close drained the queue would never be answered.
-        self._closing_lock = threading.Lock()
-        self._closed = False
         self._worker = threading.Thread(target=self._serve, name="mtp-engine", daemon=True)
         self._worker.start()
 
@@ -106,13 +103,6 @@ class Engine:
             "cpu_kernels": cpu_kernels_in_use(self.loaded.model),
         }
 
-    def totals_snapshot(self) -> dict:
-        with self._totals_lock:
-            return self.totals.to_dict()
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.encode(text, add_special_tokens=False))
-
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         with self._tokenizer_lock:
             return self.loaded.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
@@ -130,15 +120,10 @@ class Engine:
                 ) from None
         return handle
 
-    def generate(self, request: GenerationRequest, on_text: TextCallback | None = None) -> GenerationResult:
-        return self.submit(request, on_text).result()
-
     def close(self) -> None:
         """Finishes the request in progress, cancels those still queued, and stops the worker."""
-        with self._closing_lock:
-            if self._closed:
-                return
-            self._closed = True
+        if not self._begin_closing():
+            return
         while True:
             try:
                 pending = self._queue.get_nowait()
@@ -200,8 +185,7 @@ class Engine:
             reuse_prefix=self.prefix_cache,
             verify_cost=self.verify_cost,
         )
-        with self._totals_lock:
-            self.totals.add(result.stats)
+        self._count_finished(result.stats)
         return result
 
 

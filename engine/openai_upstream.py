@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx2
 from pydantic import BaseModel, ValidationError
 
+from mtp_mcp.engine.backend import GenerationBackend
 from mtp_mcp.engine.errors import EngineBusyError, EngineClosedError, EngineError, ModelLoadError
 from mtp_mcp.engine.options import UpstreamOptions, check_upstream_options, redacted
 from mtp_mcp.engine.request import (
@@ -36,7 +37,7 @@ from mtp_mcp.engine.request import (
     TextCallback,
     check_fits_context,
 )
-from mtp_mcp.engine.stats import EngineTotals, GenerationStats
+from mtp_mcp.engine.stats import GenerationStats
 from mtp_mcp.engine.upstream_http import one_line, server_root, upstream_failure
 from mtp_mcp.engine.upstream_metrics import SpeculationCounters, parse_speculation_counters
 from mtp_mcp.engine.upstream_tokenizer import UpstreamTokenizer
@@ -91,10 +92,11 @@ class UpstreamHandle(GenerationHandle):
             self.task.cancel()
 
 
-class UpstreamBackend:
+class UpstreamBackend(GenerationBackend):
     def __init__(self, options: UpstreamOptions, *, transport: httpx2.AsyncBaseTransport | None = None,
                  sync_transport: httpx2.BaseTransport | None = None):
         """Connects nothing yet; load() asks the upstream what it serves. The transports are for tests."""
+        super().__init__()
         self.options = options
         self.where = redacted(options.base_url)
         headers = {"Authorization": f"Bearer {options.api_key}"} if options.api_key else {}
@@ -110,12 +112,8 @@ class UpstreamBackend:
         self.context_length = 0  # set by load(): the upstream's, else ASSUMED_CONTEXT_LENGTH
         self.reports_speculation = False
         self.upstream_version = ""
-        self.totals = EngineTotals()
-        self._totals_lock = threading.Lock()
         self._running: dict[UpstreamHandle, bool] = {}  # on the loop: running request -> whether another overlapped
         self._slots = threading.BoundedSemaphore(options.max_queued_requests)
-        self._closing_lock = threading.Lock()
-        self._closed = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="mtp-upstream", daemon=True)
         self._thread.start()
@@ -163,13 +161,6 @@ class UpstreamBackend:
             "max_concurrent_requests": self.options.max_queued_requests,
         }
 
-    def totals_snapshot(self) -> dict:
-        with self._totals_lock:
-            return self.totals.to_dict()
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.encode(text, add_special_tokens=False))
-
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
@@ -184,15 +175,10 @@ class UpstreamBackend:
             self._loop.call_soon_threadsafe(self._start, handle)
         return handle
 
-    def generate(self, request: GenerationRequest, on_text: TextCallback | None = None) -> GenerationResult:
-        return self.submit(request, on_text).result()
-
     def close(self) -> None:
         """Cancels the requests that run (their streams close, so the upstream stops them) and stops the loop."""
-        with self._closing_lock:
-            if self._closed:
-                return
-            self._closed = True
+        if not self._begin_closing():
+            return
         if self._thread.is_alive():
             asyncio.run_coroutine_threadsafe(self._shut_down(), self._loop).result()
             self._loop.call_soon_threadsafe(self._loop.stop)
@@ -283,8 +269,7 @@ class UpstreamBackend:
         if isinstance(outcome, EngineError):
             handle.future.set_exception(outcome)
         else:
-            with self._totals_lock:
-                self.totals.add(outcome.stats)
+            self._count_finished(outcome.stats)
             handle.future.set_result(outcome)
 
     async def _generate(self, handle: UpstreamHandle) -> GenerationResult:
