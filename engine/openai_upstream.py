@@ -322,11 +322,7 @@ class UpstreamBackend(GenerationBackend):
         except (httpx2.HTTPError, ValidationError, ValueError) as error:
             raise upstream_failure(error, self.where, self.options.timeout_s) from None
         stats.total_time_s = time.perf_counter() - started
-        if counters_before is not None:
-            await self._add_speculation(stats, counters_before, overlapped=self._running.get(handle, True))
-        else:
-            stats.target_passes = stats.new_tokens  # not reported: the counts say nothing about speculation
-            stats.speculation_counts = "not_reported"
+        await self._add_speculation(stats, counters_before, overlapped=self._running.get(handle, True))
         return GenerationResult(text="".join(parts), token_ids=[], finish_reason=finish, stats=stats)
 
     def completion_body(self, request: GenerationRequest) -> dict:
@@ -354,10 +350,12 @@ class UpstreamBackend(GenerationBackend):
             body["add_special_tokens"] = False
         return body
 
-    async def _add_speculation(self, stats: GenerationStats, before: SpeculationCounters, overlapped: bool) -> None:
-        after = await self._speculation_counters()
+    async def _add_speculation(self, stats: GenerationStats, before: SpeculationCounters | None,
+                               overlapped: bool) -> None:
+        """The call's share of the upstream's counters; before is None when there were none to read."""
+        after = None if before is None else await self._speculation_counters()
         if after is None:
-            stats.target_passes = stats.new_tokens
+            stats.target_passes = stats.new_tokens  # not reported: the counts say nothing about speculation
             stats.speculation_counts = "not_reported"
             return
         share = after.since(before)
