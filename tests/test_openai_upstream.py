@@ -219,7 +219,11 @@ async def test_an_upstream_that_dies_mid_stream_costs_one_sentence_and_the_serve
     await progress.first.wait()
     vllm.kill()
     died = await asyncio.wait_for(call, 30)
-    assert died.is_error and "broke off" in died.content[0].text and "\n" not in died.content[0].text
+    # Which sentence depends on which vLLM process the kill reaches first: the API server (the connection breaks off)
+    # or its engine core (the API server reports the dead engine in the stream, then the stream ends).
+    message = died.content[0].text
+    assert died.is_error and "\n" not in message, message
+    assert any(cause in message for cause in ("broke off", "failed mid-generation", "ended its stream")), message
     after = await client.call_tool("generate", {"prompt": "Hello", "max_new_tokens": 5}, raise_on_error=False)
     assert after.is_error and "could not be reached" in after.content[0].text
     assert len(await client.list_tools()) == 3
