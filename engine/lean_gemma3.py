@@ -26,8 +26,12 @@ from mtp_mcp.engine.int8_weights import Int8Linear
 # Attention is computed for aligned blocks of this many positions, always with the same shapes (see _attend_in_blocks).
 # Gemma 3 270M, 2 AVX2 cores, 1,500 cached tokens (two interleaved runs, ms): a pass over 1 / 5 / 9 / 17 positions
 # costs 40-45 / 79-86 / 86-126 / 142-173 with blocks of 1 (one call per row), 48-50 / 63-65 / 71-90 / 118-137 with 4,
-# 58-62 / 71-77 / 77-109 / 120-126 with 8; a prefill of 1,500 tokens 9.8-10.4 s, 6.4-7.5 s and 5.7-6.1 s.
+# 58-62 / 71-77 / 77-109 / 120-126 with 8; a prefill of 1,500 tokens 9.8-10.4 s, 6.4-7.5 s and 5.7-6.1 s, each block
+# then a call of its own. Since blocks of the same span length share one call (interleaved, same machine, later and
+# busier: 1 / 5 / 9 positions 63-69 / 91-94 / 132-136 ms with 1 and 4; prefill 6.2 s with 1, 5.8 s with 2, 5.1 s
+# with 4, 5.2 s with 8), 4 gives the fastest prefill at about the cost per step of 1.
 ATTENTION_BLOCK = 4
+KEY_SPAN_STEP = 64  # global layers' spans end on a multiple of this (see _key_span)
 _INITIAL_CAPACITY = 1024  # tokens of cache allocated at first; doubled whenever a feed would overflow it
 
 
@@ -145,12 +149,12 @@ class LeanGemma3:
         """Runs the decoder over token_ids after the cached ones; returns the final hidden states [n, H]."""
         n, start = len(token_ids), self.length
         end = start + n
-        self._reserve(end + ATTENTION_BLOCK)  # the last block's keys, fed or not
+        self._reserve(self._key_span(end - 1 - (end - 1) % ATTENTION_BLOCK, False)[1])  # every key a block reads
         ids = torch.tensor(token_ids, dtype=torch.long)
         hidden = self._embed(ids)  # [n, H], Gemma's sqrt(H) scale included
         positions = torch.arange(start, end)[None]
         rotary = {layer_type: self._rotary(hidden, positions, layer_type) for layer_type in self._layer_types}
-        masks: dict[tuple[int, bool], torch.Tensor] = {}  # (block start, sliding) -> mask, built once per feed
+        masks: dict[tuple[int, int, bool], torch.Tensor] = {}  # (block start, blocks, sliding) -> mask, once per feed
         for index, layer in enumerate(self._layers):
             hidden = self._layer(index, layer, hidden, rotary[layer.layer_type], masks, start, end)
         self.length = end
@@ -167,47 +171,93 @@ class LeanGemma3:
         keys, values = self._keys[index], self._values[index]  # [kv_heads, capacity, head_dim]
         keys[:, start:end] = k.transpose(0, 1)
         values[:, start:end] = v.view(n, self._kv_heads, self._head_dim).transpose(0, 1)
-        attended = self._attend_in_blocks(q.transpose(0, 1), keys, values, masks, start, end, layer)
-        attention = layer.o_proj(attended[0].transpose(0, 1).reshape(n, -1))
+        attention = layer.o_proj(self._attend_in_blocks(q, keys, values, masks, start, end, layer))
         hidden = hidden + _rms_norm(attention, layer.norms[1], layer.eps)
         x = _rms_norm(hidden, layer.norms[2], layer.eps)
         gate, up = layer.gate_up(x).chunk(2, dim=-1)
         return hidden + _rms_norm(layer.down(layer.act(gate) * up), layer.norms[3], layer.eps)
 
     def _attend_in_blocks(self, q, keys, values, masks, start, end, layer) -> torch.Tensor:
-        """q [heads, n, d] for positions start..end-1 -> [1, heads, n, d].
+        """q [n, heads, d] for positions start..end-1 -> [n, heads * d].
 
         A row's result must not depend on the rows fed with it (engine/row_attention.py says why: int8 levels turn
         the kernel's shape-dependent rounding into other tokens). So positions are grouped in aligned blocks of
-        ATTENTION_BLOCK, and every call for block b has the same shapes whatever is fed: the block's query rows (zero
-        for positions not fed now), the keys from the window start of its first position to its last position, and
-        the same mask. Keys beyond what is fed are masked out for every fed row and finite (the cache is zeroed when
-        allocated), so they contribute exact zeros; rows do not interact. One-token steps, verification passes and
-        prefill chunks thus compute each position bit for bit alike, at one call per block instead of per row."""
-        out = []
-        for block_start in range(start - start % ATTENTION_BLOCK, end, ATTENTION_BLOCK):
-            block_end = block_start + ATTENTION_BLOCK
-            first = max(0, block_start - self._window + 1) if layer.sliding else 0
-            rows = torch.zeros(q.shape[0], ATTENTION_BLOCK, q.shape[2])
-            lo, hi = max(start, block_start), min(end, block_end)
-            rows[:, lo - block_start : hi - block_start] = q[:, lo - start : hi - start]
-            mask = masks.get((block_start, layer.sliding))
+        ATTENTION_BLOCK, and block b is always computed with the same shapes whatever is fed: its query rows (zero
+        for positions not fed now), the query heads of a kv head stacked as rows of one, and the keys of
+        _key_span(b) under the same mask. Keys beyond what a row may read are masked out and finite (the cache is
+        zeroed when allocated), so they contribute exact zeros. Blocks whose spans have the same length go to the
+        attention kernel together, as a batch: the kernel computes each batch entry, head and query block as a
+        unit of its own with the same code, so a block comes out bit for bit as when it is alone. One-token steps,
+        verification passes and prefill chunks thus compute each position alike, at a few calls per pass."""
+        block, group = ATTENTION_BLOCK, self._heads // self._kv_heads
+        first_block = start - start % block
+        n_blocks = -(-(end - first_block) // block)
+        rows = q.new_zeros(n_blocks * block, self._heads, self._head_dim)
+        rows[start - first_block : end - first_block] = q
+        # [blocks, kv_heads, group * block, d]: row g * block + i is query head (kv * group + g) at position i.
+        rows = rows.view(n_blocks, block, self._kv_heads, group, self._head_dim).permute(0, 2, 3, 1, 4)
+        rows = rows.reshape(n_blocks, self._kv_heads, group * block, self._head_dim)
+        out = torch.empty_like(rows)
+        for lo, hi in self._batches(first_block, n_blocks, layer.sliding):
+            block_start = first_block + lo * block
+            first, length = self._key_span(block_start, layer.sliding)
+            mask = masks.get((block_start, hi - lo, layer.sliding))
             if mask is None:
-                mask = masks[block_start, layer.sliding] = self._block_mask(block_start, first, layer.sliding)
-            attended = F.scaled_dot_product_attention(
-                rows[None], keys[None, :, first:block_end], values[None, :, first:block_end], attn_mask=mask,
-                scale=layer.scaling, enable_gqa=True)
-            out.append(attended[:, :, lo - block_start : hi - block_start])
-        return torch.cat(out, dim=2)
+                mask = masks[block_start, hi - lo, layer.sliding] = self._batch_mask(block_start, hi - lo,
+                                                                                      layer.sliding)
+            # Block j of the batch reads keys first + j * step ... (+ length): a strided view, no copy.
+            step = block if first else 0
+            span = (hi - lo, self._kv_heads, length, self._head_dim)
+            strides = (step * self._head_dim, keys.stride(0), keys.stride(1), 1)
+            offset = keys.storage_offset() + first * self._head_dim
+            out[lo:hi] = F.scaled_dot_product_attention(
+                rows[lo:hi], keys.as_strided(span, strides, offset), values.as_strided(span, strides, offset),
+                attn_mask=mask, scale=layer.scaling)
+        out = out.view(n_blocks, self._kv_heads, group, block, self._head_dim).permute(0, 3, 1, 2, 4)
+        out = out.reshape(n_blocks * block, self._heads * self._head_dim)
+        return out[start - first_block : end - first_block]
 
-    def _block_mask(self, block_start: int, first: int, sliding: bool) -> torch.Tensor:
-        """[ATTENTION_BLOCK, keys]: True where the block's query may attend to key `first + j`."""
-        query = torch.arange(block_start, block_start + ATTENTION_BLOCK)[:, None]
-        key = torch.arange(first, block_start + ATTENTION_BLOCK)[None]
+    def _key_span(self, block_start: int, sliding: bool) -> tuple[int, int]:
+        """(first key, number of keys) that the block at block_start reads, a function of the block alone. A
+        sliding-window layer's block, once past the first window, reads its window and its own positions; any other
+        block reads from the first position to its end rounded up to KEY_SPAN_STEP, so that neighbouring blocks
+        share a length (and a batch) at the price of a few masked keys."""
+        block_end = block_start + ATTENTION_BLOCK
+        if sliding and block_start >= self._window:
+            return block_start - self._window + 1, self._window - 1 + ATTENTION_BLOCK
+        return 0, -(-block_end // KEY_SPAN_STEP) * KEY_SPAN_STEP
+
+    def _batches(self, first_block: int, n_blocks: int, sliding: bool):
+        """Runs (lo, hi) of consecutive block indices whose key spans have the same length."""
+        lo = 0
+        while lo < n_blocks:
+            key = self._key_span(first_block + lo * ATTENTION_BLOCK, sliding)
+            hi = lo + 1
+            while hi < n_blocks and self._same_batch(key, self._key_span(first_block + hi * ATTENTION_BLOCK,
+                                                                          sliding)):
+                hi += 1
+            yield lo, hi
+            lo = hi
+
+    @staticmethod
+    def _same_batch(span: tuple[int, int], other: tuple[int, int]) -> bool:
+        # Windows (first > 0) advance by a block from one block to the next; spans from 0 must be equal.
+        return span[1] == other[1] and (span[0] > 0) == (other[0] > 0)
+
+    def _batch_mask(self, block_start: int, n_blocks: int, sliding: bool) -> torch.Tensor:
+        """[n_blocks, 1, group * ATTENTION_BLOCK, keys] additive mask (0 or -inf) for the blocks from block_start:
+        row g * ATTENTION_BLOCK + i is position (block start + i) and may read the keys at or before it (and, in a
+        sliding-window layer, within the window)."""
+        starts = block_start + ATTENTION_BLOCK * torch.arange(n_blocks)
+        first, length = self._key_span(block_start, sliding)
+        firsts = starts - block_start + first if first else torch.zeros(n_blocks, dtype=torch.long)
+        query = (starts[:, None] + torch.arange(ATTENTION_BLOCK))[:, :, None]  # [blocks, block, 1]
+        key = (firsts[:, None] + torch.arange(length))[:, None, :]  # [blocks, 1, length]
         allowed = key <= query
         if sliding:
             allowed &= key > query - self._window
-        return allowed
+        mask = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
+        return mask.repeat(1, self._heads // self._kv_heads, 1)[:, None]
 
     def _reserve(self, end: int) -> None:
         capacity = self._keys[0].shape[1] if self._keys else 0

@@ -213,10 +213,12 @@ def test_a_lean_row_is_the_same_however_the_tokens_are_fed(block_gguf: Path):
     from the prefix cache what a cold prefill computes (the int8 levels magnify any rounding difference)."""
     loaded = load_model(str(block_gguf), device="cpu")
     torch.manual_seed(2)
-    tokens = torch.randint(3, loaded.model.config.vocab_size, (60,)).tolist()
-    one_by_one = lean_rows(loaded, tokens, 1, (1,) * 30)
-    assert torch.equal(lean_rows(loaded, tokens, 5, (1, 4, 3, 1, 5, 16)), one_by_one)
-    assert torch.equal(lean_rows(loaded, tokens, 17, (17, 13), prefill=17), one_by_one)
+    # 100 positions: sliding-window blocks (window 8) and global blocks whose key spans end at 64 and at 128
+    # (KEY_SPAN_STEP), fed alone and in batches of several blocks.
+    tokens = torch.randint(3, loaded.model.config.vocab_size, (100,)).tolist()
+    one_by_one = lean_rows(loaded, tokens, 1, (1,) * 70)
+    assert torch.equal(lean_rows(loaded, tokens, 5, (1, 4, 3, 1, 5, 16, 40)), one_by_one)
+    assert torch.equal(lean_rows(loaded, tokens, 17, (17, 13, 37, 3), prefill=17), one_by_one)
 
 
 def test_gemma3_with_float_weights_keeps_transformers_modules(tmp_path: Path):
