@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers.models.gemma3.modeling_gemma3 import apply_rotary_pos_emb
+from transformers.models.gemma3.modeling_gemma3 import rotate_half
 
 from mtp_mcp.engine.int8_weights import Int8Linear
 
@@ -85,8 +85,13 @@ class _Layer:
         # Gemma's norms scale by (1 + weight).
         self.norms = [1.0 + module.weight.float() for module in (
             layer.input_layernorm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm,
-            layer.post_feedforward_layernorm, attention.q_norm, attention.k_norm)]
+            layer.post_feedforward_layernorm)]
         self.eps = layer.input_layernorm.eps
+        # Queries and keys are normed per head and rotated as one tensor of heads + kv_heads heads (half the
+        # operations of two): the q_norm scale for the query heads, k_norm's for the key heads.
+        heads, kv_heads = attention.config.num_attention_heads, attention.config.num_key_value_heads
+        self.head_norm = torch.stack([1.0 + attention.q_norm.weight.float()] * heads
+                                     + [1.0 + attention.k_norm.weight.float()] * kv_heads)
         self.head_eps = attention.q_norm.eps
         self.scaling = attention.scaling
 
@@ -163,11 +168,11 @@ class LeanGemma3:
     def _layer(self, index, layer, hidden, rotary, masks, start, end):
         n = hidden.shape[0]
         x = _rms_norm(hidden, layer.norms[0], layer.eps)
-        q, k, v = layer.qkv(x).split(layer.split, dim=-1)
-        q = _rms_norm(q.view(n, self._heads, self._head_dim), layer.norms[4], layer.head_eps)
-        k = _rms_norm(k.view(n, self._kv_heads, self._head_dim), layer.norms[5], layer.head_eps)
-        cos, sin = rotary  # [1, n, head_dim]; q, k: [n, heads, head_dim]
-        q, k = apply_rotary_pos_emb(q, k, cos[0], sin[0], unsqueeze_dim=1)
+        qk, v = layer.qkv(x).split((layer.split[0] + layer.split[1], layer.split[2]), dim=-1)
+        qk = _rms_norm(qk.view(n, self._heads + self._kv_heads, self._head_dim), layer.head_norm, layer.head_eps)
+        cos, sin = rotary  # [1, n, head_dim]
+        qk = qk * cos[0, :, None] + rotate_half(qk) * sin[0, :, None]  # as transformers' apply_rotary_pos_emb
+        q, k = qk[:, : self._heads], qk[:, self._heads :]  # [n, heads or kv_heads, head_dim]
         keys, values = self._keys[index], self._values[index]  # [kv_heads, capacity, head_dim]
         keys[:, start:end] = k.transpose(0, 1)
         values[:, start:end] = v.view(n, self._kv_heads, self._head_dim).transpose(0, 1)
