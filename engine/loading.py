@@ -194,7 +194,7 @@ def _described_gguf(key: str, gguf_file: Callable[[Path], Path], say: Callable[.
         staging = Path(scratch) / "described"
         staging.mkdir()
         gguf = gguf_file(staging)
-        say("reading the metadata of %s once (about 30 s for the embedded model; kept in %s, which %s moves)...",
+        say("reading the metadata of %s once (about 20 s for the embedded model on 2 cores; kept in %s, which %s moves)...",
             gguf.name, target, CACHE_DIR_ENV)
         started = time.perf_counter()
         describe_gguf(gguf, staging, _END_OF_TURN_TOKENS)

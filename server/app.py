@@ -79,7 +79,7 @@ async def tool_call(call_watch: CallWatch) -> AsyncIterator[None]:
             raise ToolError(str(error)) from None
 
 
-LOCAL_LOADING_NOTE = "a first start ever reads the GGUF's metadata once, about 90 s on 2 cores"
+LOCAL_LOADING_NOTE = "a first start ever reads the GGUF's metadata once, about 45 s on 2 cores"
 
 
 def create_server(engine: GenerationBackend | Callable[[], GenerationBackend], *, auth: AuthProvider | None = None,
