@@ -77,7 +77,8 @@ class _Layer:
         self.sliding = layer_type == "sliding_attention"
         self.layer_type = layer_type
         self.qkv = _fuse(attention.q_proj, attention.k_proj, attention.v_proj)
-        self.split = (attention.q_proj.out_features, attention.k_proj.out_features, attention.v_proj.out_features)
+        # The fused output's columns: queries and keys (normed and rotated together), then values.
+        self.split = (attention.q_proj.out_features + attention.k_proj.out_features, attention.v_proj.out_features)
         self.o_proj = attention.o_proj
         self.gate_up = _fuse(mlp.gate_proj, mlp.up_proj)
         self.down = mlp.down_proj
@@ -168,7 +169,7 @@ class LeanGemma3:
     def _layer(self, index, layer, hidden, rotary, masks, start, end):
         n = hidden.shape[0]
         x = _rms_norm(hidden, layer.norms[0], layer.eps)
-        qk, v = layer.qkv(x).split((layer.split[0] + layer.split[1], layer.split[2]), dim=-1)
+        qk, v = layer.qkv(x).split(layer.split, dim=-1)
         qk = _rms_norm(qk.view(n, self._heads + self._kv_heads, self._head_dim), layer.head_norm, layer.head_eps)
         cos, sin = rotary  # [1, n, head_dim]
         qk = qk * cos[0, :, None] + rotate_half(qk) * sin[0, :, None]  # as transformers' apply_rotary_pos_emb
