@@ -38,7 +38,7 @@ from mtp_mcp.engine.drafters.gemma4_assistant import is_gemma4_assistant
 from mtp_mcp.engine.drafters.suffix import SuffixDrafter
 from mtp_mcp.engine.drafters.suffix_index import GlobalIndex
 from mtp_mcp.engine.errors import InvalidRequestError, ModelLoadError
-from mtp_mcp.engine.loading import LoadedModel, load_model, resolve_quantize
+from mtp_mcp.engine.loading import LoadedModel, load_model
 from mtp_mcp.engine.openai_upstream import UpstreamBackend
 from mtp_mcp.engine.options import DEFAULT_SUFFIX_DRAFT_TOKENS, DRAFTER_NAMES, UPSTREAM_KEY_ENV, UpstreamOptions
 from mtp_mcp.engine.target import TargetModel
@@ -112,19 +112,22 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def _engine_model(args: argparse.Namespace, loaded: LoadedModel) -> LoadedModel:
-    """The model the engine rows run: the float reference with the CPU kernels, or (--quantize int8, or auto for a
-    GGUF on CPU) a second copy with int8 weights, whose greedy tokens then agree with the reference's rather than
-    equal them."""
-    return _int8_copy(args, loaded) or (loaded if args.stock_kernels else _with_cpu_kernels(loaded))
+    """The model the engine rows run: the float reference with the CPU kernels, or (--quantize int8 or int4, or auto
+    for a quantized GGUF on CPU) a second copy with quantized weights, whose greedy tokens then agree with the
+    reference's rather than equal them."""
+    return _quantized_copy(args, loaded) or (loaded if args.stock_kernels else _with_cpu_kernels(loaded))
 
 
-def _int8_copy(args: argparse.Namespace, loaded: LoadedModel) -> LoadedModel | None:
-    """The model with int8 weights, CPU kernels applied, when --quantize asks for them (auto: a GGUF on CPU)."""
-    if not resolve_quantize(args.quantize, loaded.device, loaded.dtype, is_gguf=loaded.path.endswith(".gguf")):
+def _quantized_copy(args: argparse.Namespace, loaded: LoadedModel) -> LoadedModel | None:
+    """The model with quantized weights, CPU kernels applied, when --quantize asks for them (auto: a quantized
+    GGUF on CPU, its blocks as stored)."""
+    if args.quantize == "none" or (args.quantize == "auto" and not loaded.path.endswith(".gguf")):
         return None
-    int8_loaded = load_model(args.model, device=args.device, dtype=args.dtype, quantize="int8")
-    use_cpu_kernels(int8_loaded.model)
-    return int8_loaded
+    quantized = load_model(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    if quantized.quantization == "none":
+        return None
+    use_cpu_kernels(quantized.model)
+    return quantized
 
 
 def _run_verify_cost(args: argparse.Namespace, loaded: LoadedModel, meta: dict) -> int:
@@ -136,8 +139,8 @@ def _run_verify_cost(args: argparse.Namespace, loaded: LoadedModel, meta: dict) 
     targets = {"stock": TargetModel(loaded.model)}
     if not args.stock_kernels:
         targets["engine"] = TargetModel(_with_cpu_kernels(loaded).model)
-        if (int8_loaded := _int8_copy(args, loaded)) is not None:
-            targets["engine-int8"] = TargetModel(int8_loaded.model)
+        if (quantized := _quantized_copy(args, loaded)) is not None:
+            targets[f"engine-{quantized.quantization}"] = TargetModel(quantized.model)
     costs = measure_verify_cost(targets, token_ids, args.repeats or DEFAULT_VERIFY_COST_TRIALS)
     print(verify_cost_table(costs))
     if args.json:

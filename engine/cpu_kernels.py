@@ -1,4 +1,6 @@
-"""CPU kernels that keep a decoding step cheap, for float32 models on CPU (what Engine.load runs).
+"""CPU kernels that keep a decoding step cheap, for float32 models on CPU (what Engine.load runs). Quantized models
+(engine/quantized.py) compute on the native kernels instead; for them this module only sets the kernels' threads
+and, where the lean Gemma 3 pass does not apply, attention one row at a time (engine/row_attention.py).
 
 Why: decoding is memory-bound (every weight is read once per step, whatever the number of rows), so verifying k
 drafts in one pass of k+1 rows should cost about as much as one row, and a step should read as few bytes as it can.
@@ -18,9 +20,9 @@ medians in ms, interleaved in one run; BENCHMARKS.md has the whole-step numbers)
    with stock projections (1-3 positions equal). Costs a second copy of the projection weights, so it is done only
    while the model with every copy takes at most half of the machine's memory.
 
-3. Int8ArgmaxScreen, for greedy decoding, which needs only the argmax of the output layer: it reads an int8 copy
-   (a quarter of the bytes) and leaves a handful of candidate rows to compute exactly. Greedy tokens at 1 / 5 / 8
-   rows: 21 / 38 / 48 ms against 53 / 65 / 69 ms for the prepacked full logits. Exact, see the class.
+3. QuantizedArgmaxScreen, for greedy decoding, which needs only the argmax of the output layer: it reads a Q8_0
+   copy (34 bytes per 32 weights instead of 128) and leaves a handful of candidate rows to compute exactly. Exact,
+   see the class.
 
 Invariant: one row always goes through the stock `F.linear` on the original weights, the kernel transformers runs
 for one position, and the screen's argmax is exactly that of the output layer's float32 logits. (A prompt fed in
@@ -37,8 +39,11 @@ import os
 
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType
 
-from mtp_mcp.engine.int8_weights import Int8Linear, split_levels, split_residue, two_level_product
+from mtp_mcp.engine import native_ops
+from mtp_mcp.engine.lean_gemma3 import lean_gemma3_supported
+from mtp_mcp.engine.quantized import is_quantized, quantize_weight
 from mtp_mcp.engine.row_attention import use_row_attention
 
 log = logging.getLogger(__name__)
@@ -69,7 +74,7 @@ class PrepackedLinear(torch.nn.Module):
         # (a oneDNN tensor cannot be). Swap the layer after the model has its final device and dtype.
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), _PACKING_ROWS_HINT)
         # For greedy decoding, which needs only the argmax of this layer's output (see TargetModel.greedy_tokens).
-        self.argmax_screen: Int8ArgmaxScreen | None = None
+        self.argmax_screen: QuantizedArgmaxScreen | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in_features] -> [..., out_features]
@@ -94,74 +99,56 @@ def dot_error_factor(terms: int) -> float:
     return k_u / (1.0 - k_u)
 
 
-class Int8ArgmaxScreen:
-    """Narrows the argmax of `hidden @ W.T` over a large vocabulary to a few candidate rows, reading an int8 copy
-    of W (a quarter of float32's bytes) instead of W; the caller then computes those few logits exactly.
+class QuantizedArgmaxScreen:
+    """Narrows the argmax of `hidden @ W.T` over a large vocabulary to a few candidate rows, reading a Q8_0 copy of
+    the float weight W (engine/native_ops.products) instead of W; the caller then computes those few logits
+    exactly.
 
     Why: greedy decoding needs only the argmax, and the output layer is memory-bound (Gemma 3 270M: 671 MB of
-    float32 per pass, half of a one-token forward on CPU). The screen is exact, not a heuristic:
-      W_v ~ s_v q_v with q_v int8 (per-row scale), and h ~ h_hat = a (z_1 + z_2 / 126) with z_1, z_2 integer vectors in
-      [-63, 63] (engine/int8_weights.two_level_product: the rest r = h - h_hat is at most max|h|/15876). fbgemm
-      computes z_l . q_v exactly in int32, so approx_v = sum_l a_l s_v (z_l . q_v) up to a few float roundings, and
-        |h . W_v - approx_v| <= |h| |W_v - s_v q_v| + |r| |s_v q_v| + rounding       (Cauchy-Schwarz),
-      where the per-row norms are computed once here. The bound also covers the float rounding of any kernel that
-      computes h . W_v in float32 (gamma_K |h| |W_v|). So every row whose upper bound reaches the largest lower bound
-      is kept, and the row holding the float32 argmax is always among them.
-    For an int8 output layer (engine/int8_weights.Int8Linear) W is s q itself: the screen reads the layer's own
-    int8 rows (no copy) and its weight error is rounding alone.
-    Measured on Gemma 3 270M hidden states (1,874 positions of the benchmark texts): median 8 candidates, max 366;
-    about 1% of positions then need their full row of logits (a near-tie within rounding, see TargetModel).
-    The integer trick relies on fbgemm's choice of quantization parameters; the first Int8Linear of a process checks
-    it on random inputs and raises RuntimeError if the products are not exact, so a changed torch falls back to
-    float32.
+    float32 per pass, half of a one-token forward on CPU). The screen is exact, not a heuristic: the kernels compute
+    approx_v = h_hat . W_hat_v, where W_hat is W in Q8_0 blocks and h_hat is h as the kernels quantize it (int8 per
+    group of 32 values: each value off by at most its group's max|h| / 254, plus rounding), to float rounding
+    (at most (groups + 10) u |h_hat| |W_hat_v|, u the float32 unit roundoff: exact integer dots, one scale product
+    and one accumulation per group). So, by Cauchy-Schwarz,
+        |h . W_v - approx_v| <= |h| |W_v - W_hat_v| + |h - h_hat| |W_hat_v| + rounding,
+    with the per-row norms computed once here; the bound also covers the float rounding of any kernel that
+    computes h . W_v in float32 (gamma_K |h| |W_v|). Every row whose upper bound reaches the largest lower bound is
+    kept, and the row holding the float32 argmax is always among them.
     """
 
-    # fbgemm's time grows with rows (two per hidden row): at 16 hidden rows the screen costs more than the prepacked
-    # full logits (125 vs 91 ms on Gemma 3 270M), at 8 it is still cheaper (48 vs 69 ms).
+    # The products' time grows with rows: at 8 hidden rows the screen is still cheaper than the prepacked logits.
     max_rows = 8
 
-    def __init__(self, int8_rows: Int8Linear, weight_error: torch.Tensor | None = None):
-        """int8_rows: s q. weight_error [V], which multiplies |h|: |W_v - s_v q_v| + (gamma_K + 1e-5) |W_v| for a
-        float weight W screened through an int8 copy; None when W is s q itself (rounding alone)."""
-        self.in_features = int8_rows.in_features
-        self._int8_rows = int8_rows
-        # |s_v q_v| (multiplies |r|); norms in float32 are off by a few u relative to the exact ones: 1e-5 covers it.
-        self._dequantized_norm = torch.cat([
-            int8_rows.dequantized_rows(torch.arange(start, min(start + 16384, int8_rows.out_features))).norm(dim=1)
-            for start in range(0, int8_rows.out_features, 16384)]) * (1 + 1e-5)
-        if weight_error is None:
-            weight_error = (dot_error_factor(self.in_features) + 1e-5) * self._dequantized_norm
-        self._weight_error = weight_error
+    def __init__(self, weight: torch.Tensor, chunk_rows: int = 16384):
+        """weight: the float output layer [V, K], K a multiple of 32 (ValueError otherwise)."""
+        weight = weight.detach()
+        self.in_features = weight.shape[1]
+        self._blocks = quantize_weight(weight, GGMLQuantizationType.Q8_0)
+        gamma = dot_error_factor(self.in_features)
+        weight_error, dequantized_norm = [], []
+        for start in range(0, len(weight), chunk_rows):
+            rows = weight[start : start + chunk_rows].float()
+            dequantized = native_ops.dequantized_rows(self._blocks, torch.arange(start, start + len(rows)))
+            # norms in float32 are off by a few u relative to the exact ones: 1e-5 covers it
+            weight_error.append((rows - dequantized).norm(dim=1) * (1 + 1e-5) + (gamma + 1e-5) * rows.norm(dim=1))
+            dequantized_norm.append(dequantized.norm(dim=1) * (1 + 1e-5))
+        self._weight_error = torch.cat(weight_error)  # multiplies |h|
+        self._dequantized_norm = torch.cat(dequantized_norm)  # |W_hat_v|, multiplies |h - h_hat|
         self._max_weight_error = float(self._weight_error.max())
         self._max_dequantized_norm = float(self._dequantized_norm.max())
-        int8_rows.packed  # read at every greedy step: packed at load, not at the first request
-
-    @classmethod
-    def for_float_weight(cls, weight: torch.Tensor, chunk_rows: int = 16384) -> Int8ArgmaxScreen:
-        """A screen over an int8 copy of a float32 weight [V, K]."""
-        weight = weight.detach()
-        int8_rows = Int8Linear.from_float(weight, chunk_rows=chunk_rows)
-        gamma = dot_error_factor(weight.shape[1])
-        weight_error = torch.cat([
-            (rows.float() - int8_rows.dequantized_rows(torch.arange(start, start + len(rows)))).norm(dim=1)
-            + (gamma + 1e-5) * rows.float().norm(dim=1)
-            for start in range(0, len(weight), chunk_rows)
-            for rows in [weight[start : start + chunk_rows]]])
-        return cls(int8_rows, weight_error)
+        self._rounding = (self.in_features // 32 + 10) * _FLOAT32_UNIT_ROUNDOFF
 
     def candidates(self, hidden: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """hidden: [n, K] float32. Returns, per row, the ascending vocabulary ids that may hold the argmax of the
         float32 logits, and [n] ceilings: every id left out has a float32 logit below its row's ceiling. A row that
         is not finite gets no ids."""
-        h = hidden.float()
-        levels = split_levels(h, self._int8_rows.pad)
-        approx = two_level_product(levels, self._int8_rows.packed)
-        rest = split_residue(h, levels)
+        h = hidden.float().contiguous()
+        approx = native_ops.products(h, [self._blocks])
         h_norm = h.norm(dim=1)
-        # rest was computed in float32: add a few roundings of |h| to its norm. The constant term covers the float
-        # roundings of approx itself (a handful of u relative to |h| |s_v q_v|), with a wide margin.
-        rest_norm = rest.norm(dim=1) + 8 * _FLOAT32_UNIT_ROUNDOFF * h_norm
-        constant = 64 * _FLOAT32_UNIT_ROUNDOFF * self._max_dequantized_norm * h_norm
+        # |h - h_hat|: at most max|h| / 254 per value of each group of 32 (with room for rounding), in float32.
+        group_max = h.abs().view(len(h), -1, 32).amax(dim=2)
+        rest_norm = (group_max.square().sum(dim=1) * 32).sqrt() * (1 / 254 + 1e-5) * (1 + 1e-5)
+        constant = self._rounding * (h_norm + rest_norm) * self._max_dequantized_norm
         # bound_v = h_norm * weight_error_v + rest_norm * dequantized_norm_v + constant, never above widest.
         widest = h_norm * self._max_weight_error + rest_norm * self._max_dequantized_norm + constant
         # Two passes over the vocabulary, then exact bounds on the few rows within 2 * widest of the top: both the
@@ -184,22 +171,27 @@ class Int8ArgmaxScreen:
 
 def use_cpu_kernels(model: torch.nn.Module) -> int:
     """Applies the kernels above to a float32 CPU model, in place: swaps the output layer (and, memory allowing,
-    every projection of the decoder) for a PrepackedLinear and gives the output layer an Int8ArgmaxScreen.
+    every projection of the decoder) for a PrepackedLinear and gives the output layer a QuantizedArgmaxScreen.
     Returns how many modules were swapped: 0 when the model is not float32 on CPU, torch lacks oneDNN, or the output
     layer is not a plain Linear. Call it after the model has its final device and dtype."""
+    native_ops.set_threads(torch.get_num_threads())
     head = model.get_output_embeddings()
+    if is_quantized(model):
+        # The lean Gemma 3 pass computes each row alone by itself; transformers' modules (every other model, and
+        # whatever runs them, as a draft model does) need their attention one row at a time for that: the kernels'
+        # int8 activations turn a last-bit difference into another level.
+        row_attention = use_row_attention(model)
+        if lean_gemma3_supported(model):
+            log.info("CPU kernels: quantized weights, the lean Gemma 3 pass")
+        elif row_attention:
+            log.info("CPU kernels: quantized weights, attention one row at a time")
+        else:
+            log.info("CPU kernels: quantized weights; this model's attention cannot run one row at a time, so a "
+                     "verification pass may round differently from plain decoding")
+        return 0
     # The screen bounds h . W_v; an output layer with a bias (Phi, GPT-J, CodeGen) adds b_v, which the bound does
     # not cover, so such a layer gets no screen and greedy tokens come from its full logits.
     screenable = getattr(head, "bias", None) is None
-    if isinstance(head, Int8Linear):  # int8 weights (engine/int8_weights.py): screen the layer's own rows
-        head.argmax_screen = Int8ArgmaxScreen(head) if screenable else None
-        # The int8 levels magnify the attention kernel's shape-dependent rounding into other tokens: one row at a
-        # time keeps verification equal to plain decoding (the lean Gemma 3 pass does the same on its own).
-        row_attention = use_row_attention(model)
-        log.info("CPU kernels: int8 weights%s%s", ", int8 argmax screen for greedy decoding" if screenable else "",
-                 "" if row_attention else "; this model's attention cannot run one row at a time, so a verification "
-                 "pass may round differently from plain decoding")
-        return 0
     parameter = next(model.parameters())
     usable = (
         parameter.device.type == "cpu"
@@ -214,24 +206,26 @@ def use_cpu_kernels(model: torch.nn.Module) -> int:
     packed_head = PrepackedLinear(head, HEAD_PACKED_MIN_ROWS)
     try:
         if screenable:
-            packed_head.argmax_screen = Int8ArgmaxScreen.for_float_weight(head.weight)
-    except (RuntimeError, NotImplementedError) as error:  # no fbgemm in this torch build, or not exact
+            packed_head.argmax_screen = QuantizedArgmaxScreen(head.weight)
+    except (ValueError, NotImplementedError) as error:  # a width the blocks cannot hold (not a multiple of 32)
         log.info("greedy decoding reads the float32 output layer: %s", error)
     model.set_output_embeddings(packed_head)
-    # Already added: the prepacked head (1x its float32 bytes) and the screen's int8 copy (1/4, ~190 MB for Gemma 3).
+    # Already added: the prepacked head (1x its float32 bytes) and the screen's Q8_0 copy (~1/4, ~180 MB for Gemma 3).
     swapped = 1 + _prepack_decoder_projections(model, extra_bytes=head.weight.nbytes * 5 // 4)
     log.info("CPU kernels: %d layers prepacked for multi-position verification%s", swapped,
-             ", int8 argmax screen for greedy decoding" if packed_head.argmax_screen is not None else "")
+             ", Q8_0 argmax screen for greedy decoding" if packed_head.argmax_screen is not None else "")
     return swapped
 
 
 def cpu_kernels_in_use(model: torch.nn.Module) -> dict:
-    """What use_cpu_kernels left on this model, for the engine's info: how many layers are prepacked and whether
-    greedy tokens come from the int8 argmax screen."""
+    """What use_cpu_kernels left on this model, for the engine's info: how many layers are prepacked, whether
+    greedy tokens come from the Q8_0 argmax screen, and the native kernels' instruction set and threads."""
     head = model.get_output_embeddings()
     return {
         "prepacked_layers": sum(isinstance(module, PrepackedLinear) for module in model.modules()),
-        "int8_argmax_screen": getattr(head, "argmax_screen", None) is not None,
+        "argmax_screen": getattr(head, "argmax_screen", None) is not None,
+        "native_instruction_set": native_ops.instruction_set(),
+        "native_threads": native_ops.threads(),
     }
 
 

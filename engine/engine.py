@@ -25,6 +25,7 @@ from mtp_mcp.engine.errors import EngineBusyError, EngineClosedError, EngineErro
 from mtp_mcp.engine.loading import LoadedModel, cache_root, load_model
 from mtp_mcp.engine.memory import release_freed_memory
 from mtp_mcp.engine.options import DEFAULT_MAX_QUEUED_REQUESTS, EngineOptions, check_options
+from mtp_mcp.engine.quantized import is_quantized
 from mtp_mcp.engine.request import (
     GenerationHandle,
     GenerationRequest,
@@ -135,6 +136,11 @@ class Engine(GenerationBackend):
         self._worker.join()
 
     def _serve(self) -> None:
+        if is_quantized(self.loaded.model):
+            # The native kernels run on threads of their own (engine/native/pool.c, as many as torch had at load);
+            # torch's threads, spinning after each of the few torch operations left, would take their cores. Set
+            # here, torch's count applies to this thread alone.
+            torch.set_num_threads(1)
         while (handle := self._queue.get()) is not None:
             if not handle.future.set_running_or_notify_cancel():
                 continue

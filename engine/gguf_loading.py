@@ -8,19 +8,20 @@ block formats. Two costs shape this module:
   file parses it once, lends that parse to transformers' readers (_parsed_once), and keeps the config, the tokenizer
   and the tensor table (small files) in a cache directory; later loads read those and map the weights without
   parsing anything.
-- The weights: each tensor is dequantized by gguf-py (a few seconds for the whole of Gemma 3 270M) and either kept
-  as float (quantize=False) or turned into int8 per row at once (engine/int8_weights.py), in chunks of rows for the
-  large embedding, so that the model never exists in float32 as a whole. The int8 rows of the first int8 load are
-  kept beside the description (INT8_ROWS, the size of the int8 weights: 0.27 GB for Gemma 3 270M) and read back by
-  later loads, which skips the dequantization and quantization (5.6 s of a 23 s start on 2 cores). A file that
-  cannot be read is ignored with a warning and made again.
+- The weights: every tensor the kernels compute (engine/native_ops.NATIVE_TYPES: the formats of the common Q4_K_M,
+  Q5_K_M, Q6_K, Q8_0 and Q4_0 files) keeps the file's values and scales exactly: it is read once from the
+  memory-mapped file into the kernels' row blocks (8 rows interleaved, engine/native/blocks.h; a fraction of a
+  second for the embedded model), with no float32 copy and nothing written to the cache. A matrix in
+  another format (Q2_K, Q3_K, the IQ formats) or in float next to quantized ones is dequantized by gguf-py and
+  quantized to Q8_0 once per load, and the load logs which formats did that. With quantized=False every tensor is
+  dequantized to float32 instead (the float reference), a chunk of rows at a time, so that the large embedding is
+  never whole twice.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -30,7 +31,6 @@ import gguf
 import numpy as np
 import torch
 from gguf import MODEL_ARCH_NAMES, GGMLQuantizationType, GGUFReader, dequantize, get_tensor_name_map
-from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.initialization import no_init_weights
 from transformers.modeling_gguf_pytorch_utils import (
@@ -39,14 +39,15 @@ from transformers.modeling_gguf_pytorch_utils import (
     get_gguf_hf_weights_map,
 )
 
-from mtp_mcp.engine.int8_weights import Int8Embedding, Int8Linear, quantize_rows
 from mtp_mcp.engine.memory import release_freed_memory
+from mtp_mcp.engine.native_ops import NATIVE_TYPES, BlockWeight
+from mtp_mcp.engine.quantized import QuantizedEmbedding, QuantizedLinear, quantize_chunks
 
 log = logging.getLogger(__name__)
 
 TENSOR_TABLE = "gguf_tensors.json"
-# Versioned with quantize_rows: rows made by another version of it are never read.
-INT8_ROWS = "int8-rows-v1.safetensors"
+# What earlier versions kept beside a description (per-row int8 copies of the weights); removed when seen.
+_OBSOLETE_INT8_ROWS = "int8-rows-v1.safetensors"
 # Rows of a large tensor (an embedding) dequantized at a time: 16k rows of Gemma 3 are 42 MB of float32.
 _CHUNK_ROWS = 16384
 _FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
@@ -127,11 +128,19 @@ def describe_gguf(gguf_path: Path, out: Path, end_of_turn_tokens: tuple[str, ...
     (out / TENSOR_TABLE).write_text(json.dumps(table), encoding="utf-8")
 
 
-def load_gguf_weights(described: Path, gguf_path: Path, int8: bool) -> torch.nn.Module:
-    """The model of a GGUF described by describe_gguf in `described`, in eval mode on CPU: every linear weight and
-    the embedding in int8 (int8=True: those stored quantized; float ones stay float) or all float32 (int8=False).
-    Raises ValueError naming what the file lacks if its tensors do not cover the model."""
+def gguf_is_quantized(described: Path) -> bool:
+    """Whether any matrix of the described GGUF is stored in a quantized format (not F32, F16 or BF16)."""
+    table = json.loads((described / TENSOR_TABLE).read_text(encoding="utf-8"))
+    return any(len(t["data_shape"]) == 2 and GGMLQuantizationType(t["type"]) not in _FLOAT_TYPES for t in table)
+
+
+def load_gguf_weights(described: Path, gguf_path: Path, quantized: bool) -> torch.nn.Module:
+    """The model of a GGUF described by describe_gguf in `described`, in eval mode on CPU: with `quantized`, every
+    linear layer of the decoder, the output layer and the embedding over the file's blocks (QuantizedLinear,
+    QuantizedEmbedding); otherwise every tensor dequantized to float32.
+    Raises ValueError, one sentence, if the file is truncated or its tensors do not cover the model."""
     config = AutoConfig.from_pretrained(described, local_files_only=True)
+    (described / _OBSOLETE_INT8_ROWS).unlink(missing_ok=True)
     with no_init_weights():  # every weight comes from the file; untouched allocations cost no memory
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.eval().requires_grad_(False)
@@ -144,30 +153,32 @@ def load_gguf_weights(described: Path, gguf_path: Path, int8: bool) -> torch.nn.
     tied_head_weight = {f"{_module_name(model, head)}.weight"} if ties else set()
     expected = {name for name, _ in model.named_parameters()} - tied_head_weight  # tied weights once
     name_map = _gguf_to_hf_names(model, config, processor, expected)
-    mapped = np.memmap(gguf_path, mode="r").view(np.ndarray)
-    int8_targets = _int8_targets(model) if int8 else {}
-    kept_rows = _read_int8_rows(described / INT8_ROWS) if int8 else {}
-    new_rows: dict[str, torch.Tensor] = {}  # what to keep for later loads when nothing was kept
+    mapped = np.memmap(gguf_path, mode="r")
+    quantized_targets = _quantized_targets(model) if quantized else set()
     loaded: set[str] = set()
-    int8_rows: dict[str, Int8Linear] = {}  # module name -> its int8 replacement, biases added below
+    blocks: dict[str, BlockWeight] = {}  # module name -> its weight in blocks
+    requantized: set[str] = set()  # formats that went through float to Q8_0
     parsed: dict = {"tensors": {}}  # where processors of merged tensors (MoE experts) put theirs
     for tensor in table:
+        raw = _raw_view(mapped, tensor)
         hf_name = name_map.get(tensor.name)
-        if hf_name is not None and f"{hf_name}.rows" in kept_rows:
-            rows = Int8Linear(kept_rows[f"{hf_name}.rows"], kept_rows[f"{hf_name}.scale"])
-            int8_rows[hf_name.removesuffix(".weight")] = rows
-            loaded.add(hf_name)
-            continue
-        dequantized = _dequantized_chunks(_raw_view(mapped, tensor), tensor, processor, name_map, parsed)
+        kind = GGMLQuantizationType(tensor.type)
+        if hf_name in quantized_targets and kind.value in NATIVE_TYPES and raw.ndim == 2:
+            order = _row_order(processor, tensor.name, name_map, len(raw))
+            if order is not None:
+                values_per_block, bytes_per_block = gguf.GGML_QUANT_SIZES[kind]
+                blocks[hf_name.removesuffix(".weight")] = BlockWeight.from_gguf_rows(
+                    raw if order is _SAME_ORDER else raw[order], kind.value,
+                    raw.shape[1] // bytes_per_block * values_per_block)
+                loaded.add(hf_name)
+                continue
+        dequantized = _dequantized_chunks(raw, tensor, processor, name_map, parsed)
         if dequantized is None:
             continue
         hf_name, chunks = dequantized
-        if hf_name in int8_targets and GGMLQuantizationType(tensor.type) not in _FLOAT_TYPES:
-            quantized, scale = quantize_rows(torch.from_numpy(chunk) for chunk in chunks)
-            int8_rows[hf_name.removesuffix(".weight")] = Int8Linear(quantized, scale)
-            new_rows |= {f"{hf_name}.rows": quantized, f"{hf_name}.scale": scale}
-            if quantized.numel() > _CHUNK_ROWS * 256:  # a large tensor's float32 chunks are freed: give them back
-                release_freed_memory()
+        if hf_name in quantized_targets:
+            blocks[hf_name.removesuffix(".weight")] = quantize_chunks(chunks, GGMLQuantizationType.Q8_0)
+            requantized.add(kind.name)
         else:
             _set_tensor(model, hf_name, torch.from_numpy(np.concatenate(list(chunks))))
         loaded.add(hf_name)
@@ -179,46 +190,40 @@ def load_gguf_weights(described: Path, gguf_path: Path, int8: bool) -> torch.nn.
     missing = sorted(expected - loaded)
     if missing:
         raise ValueError(f"the file has no tensor for {len(missing)} of the model's weights (e.g. {missing[0]})")
-    if new_rows and not kept_rows:
-        _keep_int8_rows(described / INT8_ROWS, new_rows)
+    if requantized:
+        log.info("%s stores some matrices as %s, which the CPU kernels do not compute: those were dequantized and "
+                 "quantized to Q8_0", gguf_path.name, ", ".join(sorted(requantized)))
     embedding_name = _module_name(model, embedding)
-    for module_name, linear in int8_rows.items():
-        original = model.get_submodule(module_name)
-        if getattr(original, "bias", None) is not None:
-            linear.bias = original.bias
+    for module_name, weight in blocks.items():
         if module_name != embedding_name:
-            model.set_submodule(module_name, linear)
-    if embedding_name in int8_rows:
-        rows = int8_rows[embedding_name]
+            original = model.get_submodule(module_name)
+            model.set_submodule(module_name, QuantizedLinear(weight, getattr(original, "bias", None)))
+    if embedding_name in blocks:
         if tied:
-            model.set_output_embeddings(rows)
-        model.set_input_embeddings(Int8Embedding(rows, getattr(embedding, "embed_scale", None)))
+            model.set_output_embeddings(QuantizedLinear(blocks[embedding_name]))
+        model.set_input_embeddings(QuantizedEmbedding(blocks[embedding_name], getattr(embedding, "embed_scale", None)))
     elif tied:
         model.tie_weights()
     release_freed_memory()
     return model
 
 
-def _read_int8_rows(path: Path) -> dict[str, torch.Tensor]:
-    """The int8 rows kept by an earlier load ({} when there are none or they cannot be read)."""
-    if not path.is_file():
-        return {}
-    try:
-        return load_file(path)
-    except Exception as error:  # safetensors raises its own kinds for a truncated or foreign file
-        log.warning("ignoring the kept int8 weights in %s (%s); they are made again", path, error)
-        return {}
+_SAME_ORDER = np.empty(0)
 
 
-def _keep_int8_rows(path: Path, rows: dict[str, torch.Tensor]) -> None:
-    """Writes the rows for later loads: whole or not at all (a temp file renamed), and never fatal."""
-    scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(rows, scratch)
-        os.replace(scratch, path)
-    except OSError as error:
-        log.warning("could not keep the int8 weights for later starts in %s: %s", path, error)
-        scratch.unlink(missing_ok=True)
+def _row_order(processor, gguf_name: str, name_map: dict, rows: int):
+    """How transformers' processor for the architecture reorders the rows of this matrix (llama's q and k are
+    permuted for its rotary layout): _SAME_ORDER, an index array, or None when it does more than reorder rows (the
+    matrix then goes through float). Found by processing the row numbers themselves."""
+    numbers = np.arange(rows, dtype=np.float32)[:, None]
+    result = processor.process(weights=numbers, name=gguf_name, tensor_key_mapping=name_map,
+                               parsed_parameters={"tensors": {}})
+    if result.name not in name_map or result.weights is None:
+        return None
+    order = np.asarray(result.weights).reshape(-1)
+    if len(order) != rows or not np.array_equal(np.sort(order), numbers[:, 0]):
+        return None
+    return _SAME_ORDER if np.array_equal(order, numbers[:, 0]) else order.astype(np.int64)
 
 
 def _gguf_to_hf_names(model, config, processor, needed: set[str]) -> dict[str, str]:
@@ -240,20 +245,24 @@ def _gguf_to_hf_names(model, config, processor, needed: set[str]) -> dict[str, s
     return get_gguf_hf_weights_map(model, processor)
 
 
-def _int8_targets(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """'module.weight' -> module, for every weight that int8 loading turns into int8: the decoder's linear layers,
-    the output layer and the input embedding."""
+def _quantized_targets(model: torch.nn.Module) -> set[str]:
+    """'module.weight' for every weight that quantized loading keeps in blocks: the decoder's linear layers, the
+    output layer and the input embedding."""
     decoder = model.get_decoder()
     wanted = [m for m in decoder.modules() if type(m) is torch.nn.Linear]
     wanted += [m for m in (model.get_output_embeddings(), model.get_input_embeddings()) if m is not None]
     ids = {id(m) for m in wanted}
-    return {f"{name}.weight": module for name, module in model.named_modules() if id(module) in ids}
+    return {f"{name}.weight" for name, module in model.named_modules() if id(module) in ids}
 
 
 def _raw_view(mapped: np.ndarray, tensor: GgufTensor) -> np.ndarray:
     dtype = np.dtype(tensor.data_dtype)
     count = int(np.prod(tensor.data_shape))
-    return mapped[tensor.offset : tensor.offset + count * dtype.itemsize].view(dtype).reshape(tensor.data_shape)
+    end = tensor.offset + count * dtype.itemsize
+    if end > len(mapped):
+        raise ValueError(f"the file is truncated: tensor {tensor.name} ends at byte {end:,} but the file has "
+                         f"{len(mapped):,}")
+    return mapped[tensor.offset : end].view(dtype).reshape(tensor.data_shape)
 
 
 def _dequantized_chunks(raw, tensor, processor, name_map, parsed) -> tuple[str, Iterator[np.ndarray]] | None:

@@ -4,7 +4,7 @@ Nothing here touches the network: mtp-mcp runs offline, so every transformers / 
 Progress goes to `logging` (stderr), never to stdout, which carries the MCP protocol.
 
 GGUF files (the embedded Gemma 3 270M included) load straight into the model, tensor by tensor (engine/gguf_loading.py):
-on CPU into int8 weights by default, never as a whole float32 copy. Their metadata (config, tokenizer, tensor table)
+on CPU their quantized blocks are used as the file stores them (engine/quantized.py), never through a float32 copy. Their metadata (config, tokenizer, tensor table)
 is slow to parse, so the first load of a file keeps it in a user cache dir, and later loads read that.
 """
 
@@ -25,9 +25,9 @@ from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundEr
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from mtp_mcp.engine.errors import InvalidRequestError, ModelLoadError
-from mtp_mcp.engine.gguf_loading import describe_gguf, load_gguf_weights
-from mtp_mcp.engine.int8_weights import quantize_to_int8
+from mtp_mcp.engine.gguf_loading import describe_gguf, gguf_is_quantized, load_gguf_weights
 from mtp_mcp.engine.options import check_device, check_quantize, check_source
+from mtp_mcp.engine.quantized import QUANTIZE_FORMATS, quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ _EMBEDDED_GGUF = "model.gguf"
 # it. llama.cpp recognises these by their text, and so do we (Gemma 3's generation config has eos ids [1, 106]).
 _END_OF_TURN_TOKENS = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>", "<|endoftext|>")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_WEIGHTS_SAID = {"none": "float", "gguf": "the GGUF's quantized", "int8": "int8 (Q8_0)", "int4": "int4 (Q4_1)"}
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,11 @@ class LoadedModel:
     name: str  # for people: directory name, .gguf file name, hub id, or EMBEDDED_NAME
     path: str  # where the weights were read from: a model directory, or the .gguf file itself
     device: torch.device
-    dtype: torch.dtype  # of the activations and of every weight that is not int8
+    dtype: torch.dtype  # of the activations and of every weight that is not quantized
     context_length: int  # max positions the model supports
-    quantization: str = "none"  # "int8": linear layers and embedding in int8 (engine/int8_weights.py)
+    # How the linear layers and the embedding are held (engine/quantized.py): "none" (float), "gguf" (the file's
+    # blocks as stored), "int8" (quantized to Q8_0 at load) or "int4" (Q4_1).
+    quantization: str = "none"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -77,13 +80,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def resolve_quantize(quantize: str, device: torch.device, dtype: torch.dtype, is_gguf: bool) -> bool:
-    """Whether to load int8 weights. auto: what the checkpoint is, i.e. int8 for a GGUF on a float32 CPU model
-    (its weights are already low-bit), none for everything else."""
+def resolve_quantize(quantize: str, device: torch.device, dtype: torch.dtype, quantized_gguf: bool) -> str:
+    """How to hold the weights (LoadedModel.quantization). auto: what the checkpoint is, i.e. a GGUF's blocks as
+    stored when it has quantized matrices and the model runs on CPU in float32, float for everything else."""
     dtype_name = str(dtype).removeprefix("torch.")
     check_quantize(quantize, device.type, dtype_name)
-    int8_possible = device.type == "cpu" and dtype_name == "float32"
-    return quantize == "int8" or (quantize == "auto" and is_gguf and int8_possible)
+    if quantize == "auto":
+        return "gguf" if quantized_gguf and device.type == "cpu" and dtype_name == "float32" else "none"
+    return quantize
 
 
 def load_model(source: str | None, device: str = "auto", dtype: str = "auto", quantize: str = "auto", *,
@@ -98,17 +102,18 @@ def load_model(source: str | None, device: str = "auto", dtype: str = "auto", qu
 
     try:
         name, path, gguf = _locate(source, say)
-        int8 = resolve_quantize(quantize, torch_device, torch_dtype, is_gguf=gguf is not None)
+        quantization = resolve_quantize(quantize, torch_device, torch_dtype,
+                                        quantized_gguf=gguf is not None and gguf_is_quantized(path))
         started = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         if gguf is not None:
-            model = load_gguf_weights(path, gguf, int8=int8).to(torch_dtype)
+            model = load_gguf_weights(path, gguf, quantized=quantization == "gguf").to(torch_dtype)
         else:
             # transformers picks the attention itself: sdpa where the model supports it, else eager. On CPU fp32 sdpa
             # gives the same greedy tokens as eager (checked on Gemma 3 270M and a tiny sliding-window Gemma 3).
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
-            if int8:
-                quantize_to_int8(model)
+        if quantization in QUANTIZE_FORMATS:
+            quantize_model(model, QUANTIZE_FORMATS[quantization])
         model.to(torch_device).eval().requires_grad_(False)
     except (ModelLoadError, InvalidRequestError):
         raise
@@ -119,10 +124,9 @@ def load_model(source: str | None, device: str = "auto", dtype: str = "auto", qu
     context_length = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if not isinstance(context_length, int):
         raise ModelLoadError(f"model '{name}' does not state its context length (max_position_embeddings)")
-    quantization = "int8" if int8 else "none"
     say("loaded %s from %s in %.1f s (%s, %s, %s weights, context %d)", name, gguf or path,
         time.perf_counter() - started, torch_device, str(torch_dtype).removeprefix("torch."),
-        "int8" if int8 else "float", context_length)
+        _WEIGHTS_SAID[quantization], context_length)
     return LoadedModel(model, tokenizer, name, str(gguf or path), torch_device, torch_dtype, context_length,
                        quantization)
 
@@ -175,7 +179,7 @@ def _embedded_default(say: Callable[..., None]) -> tuple[Path, Path]:
 
 
 def cache_root() -> Path:
-    """Where mtp-mcp keeps what it derives (GGUF descriptions, kept int8 rows, the drafter memory)."""
+    """Where mtp-mcp keeps what it derives (GGUF descriptions, the drafter memory)."""
     return Path(os.environ.get(CACHE_DIR_ENV) or platformdirs.user_cache_dir("mtp-mcp"))
 
 

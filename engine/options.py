@@ -23,7 +23,7 @@ DEFAULT_SUFFIX_DRAFT_TOKENS = 16
 DEFAULT_MAX_QUEUED_REQUESTS = 16
 DEVICE_CHOICES = ("auto", "cpu", "cuda")  # and cuda:N
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
-QUANTIZE_CHOICES = ("auto", "none", "int8")
+QUANTIZE_CHOICES = ("auto", "none", "int8", "int4")
 
 _CUDA_DEVICE = re.compile(r"cuda(:\d+)?")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -37,7 +37,7 @@ class EngineOptions:
     num_draft_tokens: int | None = None  # None: the drafter's default (DEFAULT_NUM_DRAFT_TOKENS, suffix: 16)
     device: str = "auto"
     dtype: str = "auto"
-    quantize: str = "auto"  # auto (int8 for a GGUF on CPU, else none), none, int8
+    quantize: str = "auto"  # auto (a GGUF's blocks as stored on CPU, else none), none, int8, int4
     max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS
     prefix_cache: bool = True  # keep the last request's cache; a prompt that starts the same prefills only the rest
     # The suffix drafter's index of earlier texts is saved in the user cache directory and read at the next start.
@@ -71,10 +71,10 @@ def check_quantize(quantize: str, device: str, dtype: str) -> None:
     it is resolved."""
     if quantize not in QUANTIZE_CHOICES:
         raise InvalidRequestError(f"quantize is '{quantize}'; it must be one of: {', '.join(QUANTIZE_CHOICES)}")
-    if quantize == "int8" and (device.startswith("cuda") or dtype not in ("auto", "float32")):
+    if quantize in ("int8", "int4") and (device.startswith("cuda") or dtype not in ("auto", "float32")):
         raise InvalidRequestError(
-            f"int8 weights run on CPU in float32 only (fbgemm), not on {device} in {dtype}; use --quantize none, "
-            "or --device cpu with --dtype float32")
+            f"{quantize} weights run on CPU in float32 only (the CPU kernels), not on {device} in {dtype}; use "
+            "--quantize none, or --device cpu with --dtype float32")
 
 
 def check_drafter_choice(name: str, draft_model: str | None, num_draft_tokens: int | None) -> None:

@@ -3,7 +3,7 @@
 Why: the attention kernel picks its blocking (and so the order of its float sums) by the shapes it is given. A
 verification pass over k + 1 positions then rounds each row a little differently from k + 1 one-token passes, and
 so does a prompt whose start came from the prefix cache from a cold prefill. With float weights that is a last-bit
-difference; with int8 weights (engine/int8_weights.py) each layer rounds its input to integer levels, which turns a
+difference; with quantized weights (engine/quantized.py) each layer rounds its input to int8 levels, which turns a
 last-bit difference into up to one level, and greedy decoding then can and does pick another token at near-ties
 (measured on the embedded Gemma 3: hidden states 0.07-0.12 apart after 2-17 rows per pass). Here every row attends
 alone to exactly the keys a one-token pass at its position reads, with the same call, so each row is computed the same
@@ -12,7 +12,7 @@ way whatever came with it: speculative decoding is token-identical to plain deco
 The price is one attention call per row: nothing at one position, about +20% for a pass over 17 positions and
 +35-80% for a long prefill on 2 CPU cores (Gemma 3 270M, measured before its lean pass moved to aligned blocks of
 fixed shapes, which give the same guarantee at less cost: engine/lean_gemma3.py). Used, through transformers'
-attention interface, by every model with int8 weights that runs transformers' modules.
+attention interface, by every model with quantized weights that runs transformers' modules.
 """
 
 from __future__ import annotations

@@ -91,7 +91,7 @@ class TargetModel:
         self._logits_divisor = getattr(text_config, "logits_scaling", None)
         self._logits_multiplier = getattr(model, "logit_scale", None)
         self.vocab_size = self._lm_head.out_features
-        # The exact float rows of the output layer for a few ids: an int8 layer dequantizes just those.
+        # The exact float rows of the output layer for a few ids: a quantized layer dequantizes just those.
         self._head_rows = getattr(self._lm_head, "dequantized_rows", None) or (lambda ids: self._lm_head.weight[ids])
         # Set on float32 CPU models by engine.cpu_kernels.use_cpu_kernels, which runs before the target is built. It
         # finds the output layer's argmax, the model's only while the scaling after the layer keeps the order.
@@ -101,8 +101,8 @@ class TargetModel:
         self.cache: DynamicCache | None = None
         # The tokens whose states the cache holds, in order (the lean cache's too): what a later prefill can reuse.
         self.ids: list[int] = []
-        # Gemma 3 with int8 weights runs its own lean pass and cache (engine/lean_gemma3.py) instead of transformers'
-        # modules and DynamicCache; `cache` then stays None.
+        # Gemma 3 with quantized weights runs its own lean pass and cache (engine/lean_gemma3.py) instead of
+        # transformers' modules and DynamicCache; `cache` then stays None.
         self._lean = LeanGemma3(model) if lean_gemma3_supported(model) else None
         # For hybrid models: the tokens of the last forward and the recurrent states from before it, one per
         # (linear layer, state index); empty when the last forward needs no snapshot (one token, or no linear layer).
@@ -276,7 +276,7 @@ class TargetModel:
     def greedy_tokens(self, hidden: torch.Tensor) -> list[int]:
         """hidden: [n, H] -> the argmax token of each row's logits: exactly `self.logits(hidden).argmax(-1)`.
 
-        With an int8 argmax screen on the output layer (engine/cpu_kernels.py, float32 CPU; up to its max_rows
+        With a Q8_0 argmax screen on a float output layer (engine/cpu_kernels.py, float32 CPU; up to its max_rows
         positions at once), only the few rows of the output layer that can hold the argmax are computed in float32.
         The answer is still exact. A row's token is taken from its candidates only when it beats every other
         candidate, and the ceiling of the ids left out, by more than float32 rounding can move any of them

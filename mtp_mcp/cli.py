@@ -46,8 +46,9 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", default="auto", choices=list(DTYPE_CHOICES),
                        help="auto: float32 on CPU, bfloat16 on CUDA")
     group.add_argument("--quantize", default="auto", choices=list(QUANTIZE_CHOICES),
-                       help="weights of the linear layers and embedding: auto (int8 for a .gguf on CPU, as loaded "
-                       "from its blocks; otherwise what the checkpoint is), none (float), int8 (CPU, float32)")
+                       help="weights of the linear layers and embedding: auto (what the checkpoint is: a .gguf's "
+                       "quantized blocks as stored, on CPU; float otherwise), none (float), int8 or int4 (quantized "
+                       "to Q8_0 or Q4_1 at load; CPU, float32)")
     group.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                        help="do not keep the last request's cache for a next prompt that starts the same way")
     group.add_argument("--no-drafter-memory", dest="drafter_memory", action="store_false",

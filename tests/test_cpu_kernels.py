@@ -1,12 +1,14 @@
-"""The CPU kernels of engine/cpu_kernels.py: the prepacked output layer and the int8 argmax screen, and the exact
+"""The CPU kernels of engine/cpu_kernels.py: the prepacked output layer and the Q8_0 argmax screen, and the exact
 greedy argmax TargetModel builds on the screen (random weights; near-ties and softcap saturation made on purpose)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType
 from tiny_models import tiny_gemma3
 
-from mtp_mcp.engine.cpu_kernels import Int8ArgmaxScreen, PrepackedLinear, use_cpu_kernels
+from mtp_mcp.engine.cpu_kernels import PrepackedLinear, QuantizedArgmaxScreen, use_cpu_kernels
+from mtp_mcp.engine.quantized import quantize_model
 from mtp_mcp.engine.target import TargetModel
 
 
@@ -44,7 +46,7 @@ def test_the_screen_keeps_the_argmax_among_few_candidates():
     weight = torch.randn(vocab, width) * torch.rand(vocab, 1)  # rows of very different norms
     hidden = torch.randn(300, width) * 4
     hidden[:, 5] *= 30  # an outlier channel, as real hidden states have
-    screen = Int8ArgmaxScreen.for_float_weight(weight)
+    screen = QuantizedArgmaxScreen(weight)
     candidates, ceilings = screen.candidates(hidden)
     logits = F.linear(hidden, weight)
     sizes = []
@@ -97,8 +99,8 @@ def test_a_hidden_state_that_is_not_finite_gets_the_full_logits_answer(screened_
     assert screened_target.greedy_tokens(hidden) == expected
 
 
-@pytest.mark.parametrize("int8", [False, True])
-def test_an_output_layer_with_a_bias_gets_no_screen_and_its_greedy_tokens_count_the_bias(int8):
+@pytest.mark.parametrize("quantized", [False, True])
+def test_an_output_layer_with_a_bias_gets_no_screen_and_its_greedy_tokens_count_the_bias(quantized):
     # Phi, GPT-J and CodeGen heads add a bias, which the screen's bound on h . W_v does not cover.
     model = tiny_gemma3(seed=0)
     head = model.get_output_embeddings()
@@ -109,11 +111,10 @@ def test_an_output_layer_with_a_bias_gets_no_screen_and_its_greedy_tokens_count_
         biased.bias[7] = 1e3  # the argmax of h . W + b, never of h . W alone
     model.set_output_embeddings(biased)
     model.config.tie_word_embeddings = False
-    if int8:
-        from mtp_mcp.engine.int8_weights import quantize_to_int8
-        quantize_to_int8(model)
+    if quantized:
+        quantize_model(model, GGMLQuantizationType.Q8_0)
     use_cpu_kernels(model)
-    assert getattr(model.get_output_embeddings(), "argmax_screen", "absent") is None
+    assert getattr(model.get_output_embeddings(), "argmax_screen", None) is None
     target = TargetModel(model)
     with torch.inference_mode():
         hidden = target.prefill(list(range(3, 20)))

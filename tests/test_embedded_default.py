@@ -32,9 +32,9 @@ def engines(embedded_model):
 
 
 @pytest.fixture(scope="module")
-def int8_engines():
-    """The embedded model as the CLI and server load it by default (int8 weights from the GGUF's blocks): plain
-    decoding and ngram drafting over one copy."""
+def quantized_engines():
+    """The embedded model as the CLI and server load it by default (the GGUF's blocks on the native kernels):
+    plain decoding and ngram drafting over one copy."""
     lookup = Engine.load(EngineOptions(drafter="ngram", num_draft_tokens=4, device="cpu"))
     plain = Engine(lookup.loaded, NoDrafter())
     yield plain, lookup
@@ -42,15 +42,17 @@ def int8_engines():
     lookup.close()
 
 
-def test_int8_is_the_default_for_the_embedded_gguf(int8_engines):
-    _, lookup = int8_engines
-    assert lookup.info["weights"] == "int8"
-    assert lookup.info["cpu_kernels"] == {"prepacked_layers": 0, "int8_argmax_screen": True}
+def test_the_gguf_s_blocks_are_the_default_for_the_embedded_model(quantized_engines):
+    _, lookup = quantized_engines
+    assert lookup.info["weights"] == "gguf"
+    assert lookup.info["cpu_kernels"]["prepacked_layers"] == 0 and not lookup.info["cpu_kernels"]["argmax_screen"]
+    formats = {m.weight_blocks.type_name for m in lookup.loaded.model.modules() if hasattr(m, "weight_blocks")}
+    assert formats == {"Q8_0", "Q5_0", "Q4_K", "Q6_K"}  # Q4_K_M's mix, every one computed as stored
 
 
 @pytest.mark.parametrize("prompt", [*PROMPTS, "long"])
-def test_ngram_on_int8_weights_gives_the_same_tokens_as_their_plain_decoding(int8_engines, prompt):
-    plain, lookup = int8_engines
+def test_ngram_on_the_quantized_model_gives_the_tokens_of_its_plain_decoding(quantized_engines, prompt):
+    plain, lookup = quantized_engines
     if prompt == "long":  # past a prefill chunk and the sliding window
         prompt = cut_after_def((workloads_dir() / "code" / "colorsys.py").read_text(encoding="utf-8"), 2300)
     request = GenerationRequest(prompt, max_new_tokens=NEW_TOKENS)
@@ -79,9 +81,9 @@ def test_plain_decoding_matches_transformers_generate(embedded_model, engines):
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_plain_decoding_through_the_cpu_kernels_matches_transformers_generate(embedded_model, engines, prompt):
-    # One token per pass through what Engine.load built: greedy tokens come from the int8 argmax screen.
+    # One token per pass through what Engine.load built: greedy tokens come from the Q8_0 argmax screen.
     _, lookup = engines
-    assert lookup.info["cpu_kernels"] == {"prepacked_layers": 1 + 18 * 7, "int8_argmax_screen": True}
+    assert lookup.info["cpu_kernels"]["prepacked_layers"] == 1 + 18 * 7 and lookup.info["cpu_kernels"]["argmax_screen"]
     screened = Engine(lookup.loaded, NoDrafter())
     try:
         prompt_ids = embedded_model.tokenizer(prompt, return_tensors="pt")["input_ids"]

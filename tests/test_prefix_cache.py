@@ -4,8 +4,8 @@ only the rest, and its output is token for token what a cold run gives, for ever
 import pytest
 import torch
 from mtp_checkpoints import build_qwen3_5
-from test_int8_weights import BLOCKS
 from test_loading import write_tiny_gguf
+from test_quantized_weights import BLOCKS
 from tiny_models import tiny_gemma3, tiny_llama, train_tiny_tokenizer
 
 from mtp_mcp.engine.drafters import create_drafter
@@ -32,7 +32,7 @@ def models(tmp_path_factory):
     return {
         "llama (attention only)": (in_memory(tiny_llama(seed=0)), True),
         "gemma3 (sliding windows)": (in_memory(tiny_gemma3(seed=0)), False),
-        "gemma3 int8 (lean cache)": (load_model(str(gguf), device="cpu", progress=False), True),
+        "gemma3 quantized (lean cache)": (load_model(str(gguf), device="cpu", progress=False), True),
         "qwen3.5 (recurrent states)": (load_model(str(qwen), "cpu", "float32", progress=False), False),
     }
 
@@ -43,7 +43,7 @@ PROMPTS = [(PROMPT, 1), (PROMPT + " jumps over the lazy dog.", 12), (PROMPT, 12)
            ("A different start", 12)]
 
 
-@pytest.mark.parametrize("name", ["llama (attention only)", "gemma3 (sliding windows)", "gemma3 int8 (lean cache)",
+@pytest.mark.parametrize("name", ["llama (attention only)", "gemma3 (sliding windows)", "gemma3 quantized (lean cache)",
                                   "qwen3.5 (recurrent states)"])
 @pytest.mark.parametrize("drafter", ["none", "ngram"])
 def test_reused_prefixes_give_the_tokens_of_a_cold_run(models, name, drafter):
@@ -74,7 +74,7 @@ def reusable_from(held: list[int], prompt_ids: list[int], any_prefix: bool) -> i
     return reusable if any_prefix or reusable == len(held) else 0
 
 
-@pytest.mark.parametrize("name", ["llama (attention only)", "gemma3 (sliding windows)", "gemma3 int8 (lean cache)",
+@pytest.mark.parametrize("name", ["llama (attention only)", "gemma3 (sliding windows)", "gemma3 quantized (lean cache)",
                                   "qwen3.5 (recurrent states)"])
 def test_an_agent_working_on_two_texts_in_turn_keeps_both(models, name):
     """A file, another file, the first file grown by its completion: the third call continues the first call's
@@ -117,7 +117,7 @@ def test_parked_caches_stay_within_the_budget(models, monkeypatch):
 
 
 def test_sampling_with_a_seed_draws_the_same_tokens_warm_and_cold(models):
-    loaded, _ = models["gemma3 int8 (lean cache)"]
+    loaded, _ = models["gemma3 quantized (lean cache)"]
     warm, cold = Engine(loaded, PromptLookupDrafter(4)), Engine(loaded, PromptLookupDrafter(4), prefix_cache=False)
     try:
         warm.generate(GenerationRequest(PROMPT, max_new_tokens=8))

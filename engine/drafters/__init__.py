@@ -68,7 +68,7 @@ def create_drafter(name: str, target: LoadedModel, draft_model: str | None, num_
                 "use it with --drafter mtp (or auto), not draft-model"
             )
         draft = load_model(draft_model, device=str(target.device), dtype=str(target.dtype).removeprefix("torch."),
-                           quantize="int8" if target.quantization == "int8" else "auto")
+                           quantize=target.quantization if target.quantization in ("int8", "int4") else "auto")
         check_same_vocabulary(target.tokenizer, draft.tokenizer, draft.name)
         return DraftModelDrafter(draft.model, num_draft_tokens or DEFAULT_NUM_DRAFT_TOKENS)
     if name == "ngram":

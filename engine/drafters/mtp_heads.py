@@ -60,7 +60,7 @@ class MtpHeadDrafter:
         self._pending_hidden: torch.Tensor | None = None  # target states of pairs t in [c_0, N-1], not yet fed
         # carry[d]: depth d's outputs at its committed pairs t in [c_{d+1}, c_d), which depth d+1 has yet to read
         self._carry: list[torch.Tensor | None] = []
-        # Greedy drafts can take the target's greedy tokens (its exact int8 argmax screen on CPU, see
+        # Greedy drafts can take the target's greedy tokens (its exact argmax screen on CPU, see
         # TargetModel.greedy_tokens) when the heads project exactly as the target's output layer: shared_head is
         # that layer (load_mtp_heads ties it), so it suffices that there is no muP scaling and no vocabulary cut.
         config = heads.config
@@ -203,8 +203,8 @@ def load_mtp_heads(target: LoadedModel, num_layers: int, tensor_names: re.Patter
     heads.tie_with_main_model(model)
     # Anything still on the meta device (a weight or buffer the checkpoint did not provide) would fail at first use.
     on_meta = {name for name, tensor in chain(heads.named_parameters(), heads.named_buffers()) if tensor.is_meta}
-    # The embedding and head now are the target's own modules: nothing of theirs comes from the MTP tensors (an int8
-    # head's buffers are not among the tied keys transformers knows to leave out).
+    # The embedding and head now are the target's own modules: nothing of theirs comes from the MTP tensors (a
+    # quantized head holds its blocks outside the parameters transformers knows to tie).
     targets_own = {id(module) for module in model.modules()}
     missing = sorted(name for name in loading.missing_keys | on_meta | {name for name, *_ in loading.mismatched_keys}
                      if id(heads.get_submodule(name.rpartition(".")[0])) not in targets_own)
