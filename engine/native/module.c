@@ -12,13 +12,14 @@
 #include "blocks.h"
 #include "native.h"
 
-static const Kernels SCALAR = {"scalar", product_blocks_scalar, attention_item_scalar, rms_norm_rows_scalar,
+static const Kernels SCALAR = {"scalar", product_blocks_scalar, attention_chunk_scalar, attention_combine_scalar, rms_norm_rows_scalar,
                                add_rms_norm_rows_scalar, head_norm_rotary_scalar, gelu_tanh_mul_scalar};
 #ifdef MTP_X86
-static const Kernels AVX2 = {"avx2", product_blocks_avx2, attention_item_avx2, rms_norm_rows_avx2,
-                             add_rms_norm_rows_avx2, head_norm_rotary_avx2, gelu_tanh_mul_avx2};
+static const Kernels AVX2 = {"avx2", product_blocks_avx2, attention_chunk_avx2, attention_combine_avx2,
+                             rms_norm_rows_avx2, add_rms_norm_rows_avx2, head_norm_rotary_avx2, gelu_tanh_mul_avx2};
 /* VNNI changes only the integer dot of the products; the float operations are AVX2's. */
-static const Kernels AVX512VNNI = {"avx512vnni", product_blocks_avx512vnni, attention_item_avx2, rms_norm_rows_avx2,
+static const Kernels AVX512VNNI = {"avx512vnni", product_blocks_avx512vnni, attention_chunk_avx2,
+                                   attention_combine_avx2, rms_norm_rows_avx2,
                                    add_rms_norm_rows_avx2, head_norm_rotary_avx2, gelu_tanh_mul_avx2};
 #endif
 
@@ -229,25 +230,40 @@ static PyObject *py_dequantize_rows(PyObject *self, PyObject *const *args, Py_ss
 
 /* ---- attention ---- */
 
+static pthread_mutex_t attention_lock = PTHREAD_MUTEX_INITIALIZER;
+static void *attention_scratch;
+static size_t attention_scratch_bytes;
+
 typedef struct {
     const Kernels *kernels;
     const AttentionJob *job;
-    int failed;
+    const int *slot_row, *slot_chunk;
+    int slots;
 } AttentionTask;
 
-static void attention_task(void *arg, int thread, int threads) {
-    AttentionTask *task = arg;
-    const AttentionJob *job = task->job;
-    int items = job->n * job->heads, per = (items + threads - 1) / threads;
-    int begin = thread * per, end = begin + per < items ? begin + per : items;
-    if (begin >= end) return;
-    float *scores = malloc(sizeof(float) * (size_t)(job->start + job->n));
-    if (scores == NULL) {
-        task->failed = 1;
-        return;
+static void share(int items, int thread, int threads, int *begin, int *end) {
+    int per = (items + threads - 1) / threads;
+    *begin = thread * per;
+    *end = *begin + per < items ? *begin + per : items;
+}
+
+static void chunks_task(void *arg, int thread, int threads) {
+    const AttentionTask *task = arg;
+    const int kv_heads = task->job->kv_heads;
+    int begin, end;
+    share(task->slots * kv_heads, thread, threads, &begin, &end);
+    for (int item = begin; item < end; item++) {
+        const int slot = item / kv_heads;
+        task->kernels->attention_chunk(task->job, task->slot_row[slot], slot, task->slot_chunk[slot], item % kv_heads);
     }
-    for (int item = begin; item < end; item++) task->kernels->attention_item(job, item, scores);
-    free(scores);
+}
+
+static void combine_task(void *arg, int thread, int threads) {
+    const AttentionTask *task = arg;
+    const int heads = task->job->heads;
+    int begin, end;
+    share(task->job->n * heads, thread, threads, &begin, &end);
+    for (int item = begin; item < end; item++) task->kernels->attention_combine(task->job, item / heads, item % heads);
 }
 
 /* attention(q, q_stride, keys, values, out, n, start, heads, kv_heads, dim, capacity, window, scale) */
@@ -263,15 +279,50 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
         !take_long(args[9], &dim) || !take_long(args[10], &capacity) || !take_long(args[11], &window) ||
         !take_float(args[12], &scale))
         return NULL;
-    if (kv_heads < 1 || heads % kv_heads || start + n > capacity)
+    if (n <= 0) Py_RETURN_NONE;
+    if (kv_heads < 1 || heads % kv_heads || start < 0 || start + n > capacity || dim < 1)
         return PyErr_Format(PyExc_ValueError, "attention: inconsistent shapes");
     AttentionJob job = {q, keys, values, out, q_stride, (int)n, (int)start, (int)heads, (int)kv_heads, (int)dim,
-                        (int)capacity, (int)window, scale};
-    AttentionTask task = {active, &job, 0};
+                        (int)capacity, (int)window, scale, NULL, NULL, NULL, NULL};
+    int failed = 0;
     Py_BEGIN_ALLOW_THREADS
-    pool_run(attention_task, &task);
+    /* Every row's chunks: from the one holding its first key to the one holding itself. */
+    long slots = 0;
+    for (int row = 0; row < n; row++) slots += (start + row) / KEY_CHUNK - attention_first_key(&job, row) / KEY_CHUNK + 1;
+    const size_t int_bytes = sizeof(int) * ((size_t)n + 1 + 2 * (size_t)slots);
+    const size_t bytes = int_bytes + sizeof(float) * (size_t)slots * heads * (2 + (size_t)dim) + 64;
+    pthread_mutex_lock(&attention_lock);
+    if (bytes > attention_scratch_bytes) {
+        void *grown = realloc(attention_scratch, bytes);
+        if (grown != NULL) attention_scratch = grown, attention_scratch_bytes = bytes;
+    }
+    if (bytes > attention_scratch_bytes) {
+        failed = 1;
+    } else {
+        int *first_slot = attention_scratch, *slot_row = first_slot + n + 1, *slot_chunk = slot_row + slots;
+        float *floats = (float *)((char *)attention_scratch + (int_bytes + 63) / 64 * 64);
+        job.first_slot = first_slot;
+        job.slot_max = floats;
+        job.slot_sum = floats + (size_t)slots * heads;
+        job.slot_out = floats + 2 * (size_t)slots * heads;
+        int slot = 0;
+        for (int row = 0; row < n; row++) {
+            first_slot[row] = slot;
+            for (int chunk = attention_first_key(&job, row) / KEY_CHUNK; chunk <= ((int)start + row) / KEY_CHUNK;
+                 chunk++, slot++) {
+                slot_row[slot] = row;
+                slot_chunk[slot] = chunk;
+            }
+        }
+        first_slot[n] = slot;
+        AttentionTask task = {active, &job, slot_row, slot_chunk, (int)slots};
+        pool_run(chunks_task, &task);
+        if (n * heads >= 16) pool_run(combine_task, &task);
+        else combine_task(&task, 0, 1);
+    }
+    pthread_mutex_unlock(&attention_lock);
     Py_END_ALLOW_THREADS
-    if (task.failed) return PyErr_NoMemory();
+    if (failed) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 

@@ -64,7 +64,13 @@ typedef struct {
 } Product;
 
 /* Attention of query rows at positions start .. start + n - 1: the row at position p reads the keys at
- * max(0, p - window + 1) .. p (window 0: from 0). One item is one (row, query head). */
+ * max(0, p - window + 1) .. p (window 0: from 0). Keys are read in chunks of KEY_CHUNK positions aligned to
+ * multiples of KEY_CHUNK: for each (row, kv head, chunk) the chunk's softmax maximum, sum and unnormalised output
+ * per query head (attention_chunk), then per (row, head) the chunks combined in order (attention_combine). Where
+ * the chunks fall depends on the row's position alone, so a row comes out the same whatever is computed with it,
+ * and the chunks of one row spread over the threads. */
+#define KEY_CHUNK 128
+
 typedef struct {
     const float *q;      /* [n][heads][dim], rows q_stride floats apart */
     const float *keys;   /* [kv_heads][capacity][dim] */
@@ -73,14 +79,26 @@ typedef struct {
     ptrdiff_t q_stride;
     int n, start, heads, kv_heads, dim, capacity, window;
     float scale;
+    /* Partial results: slot s is one chunk of one row (row i's chunks are slots first_slot[i] .. first_slot[i+1]-1,
+     * in order); per slot and head its maximum, sum and [dim] unnormalised output. */
+    const int *first_slot; /* [n + 1] */
+    float *slot_max, *slot_sum; /* [slots][heads] */
+    float *slot_out;            /* [slots][heads][dim] */
 } AttentionJob;
+
+static inline int attention_first_key(const AttentionJob *job, int row) {
+    const int position = job->start + row;
+    return job->window > 0 && position - job->window + 1 > 0 ? position - job->window + 1 : 0;
+}
 
 /* The kernels of one instruction set. */
 typedef struct {
     const char *name;
     /* weight row blocks block_begin .. block_end - 1 of p against every activation row */
     void (*product_blocks)(const Activations *a, const Product *p, int k, int block_begin, int block_end);
-    void (*attention_item)(const AttentionJob *job, int item, float *scores);
+    /* slot `slot` (row `row`'s chunk `chunk`) for the query heads of kv head `kv_head` */
+    void (*attention_chunk)(const AttentionJob *job, int row, int slot, int chunk, int kv_head);
+    void (*attention_combine)(const AttentionJob *job, int row, int head);
     void (*rms_norm_rows)(const float *x, ptrdiff_t x_stride, const float *scale, float eps, float *out,
                           ptrdiff_t out_stride, int rows, int dim);
     void (*add_rms_norm_rows)(const float *x, ptrdiff_t x_stride, const float *scale, float eps, float *residual,
@@ -93,7 +111,8 @@ typedef struct {
 
 #define DECLARE_KERNELS(suffix)                                                                                   \
     void product_blocks_##suffix(const Activations *, const Product *, int, int, int);                           \
-    void attention_item_##suffix(const AttentionJob *, int, float *);                                            \
+    void attention_chunk_##suffix(const AttentionJob *, int, int, int, int);                                      \
+    void attention_combine_##suffix(const AttentionJob *, int, int);                                              \
     void rms_norm_rows_##suffix(const float *, ptrdiff_t, const float *, float, float *, ptrdiff_t, int, int);    \
     void add_rms_norm_rows_##suffix(const float *, ptrdiff_t, const float *, float, float *, ptrdiff_t, int, int); \
     void head_norm_rotary_##suffix(float *, ptrdiff_t, int, int, int, const float *, float, const float *,        \

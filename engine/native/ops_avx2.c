@@ -58,53 +58,85 @@ INLINE float exp1(float x) { /* one lane of exp8, for tails */
     return _mm256_cvtss_f32(exp8(_mm256_set1_ps(x)));
 }
 
-void attention_item_avx2(const AttentionJob *job, int item, float *scores) {
-    const int dim = job->dim, row = item / job->heads, head = item % job->heads;
-    const int kv_head = head / (job->heads / job->kv_heads);
-    const int position = job->start + row;
-    const int first = job->window > 0 && position - job->window + 1 > 0 ? position - job->window + 1 : 0;
-    const int count = position - first + 1;
-    const float *q = job->q + (ptrdiff_t)row * job->q_stride + (ptrdiff_t)head * dim;
-    const float *keys = job->keys + ((size_t)kv_head * job->capacity + first) * dim;
-    const float *values = job->values + ((size_t)kv_head * job->capacity + first) * dim;
-    float *out = job->out + ((size_t)row * job->heads + head) * dim;
-
-    float highest = -INFINITY;
-    for (int t = 0; t < count; t++) {
-        scores[t] = dot(q, keys + (size_t)t * dim, dim) * job->scale;
-        highest = scores[t] > highest ? scores[t] : highest;
-    }
-    const __m256 top = _mm256_set1_ps(highest);
-    __m256 lanes = _mm256_setzero_ps();
-    const int whole = count - count % 8;
-    for (int t = 0; t < whole; t += 8) {
-        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + t), top));
-        _mm256_storeu_ps(scores + t, e);
-        lanes = _mm256_add_ps(lanes, e);
-    }
-    float total = sum8(lanes);
-    for (int t = whole; t < count; t++) {
-        scores[t] = exp1(scores[t] - highest);
-        total += scores[t];
-    }
-    /* out = sum over t of e_t v_t, per element in order of t; 64 dimensions at a time in registers. */
-    int i = 0;
-    for (; i + 64 <= dim; i += 64) {
-        __m256 acc[8];
-        for (int c = 0; c < 8; c++) acc[c] = _mm256_setzero_ps();
+/* ops_scalar.c's attention_chunk. */
+void attention_chunk_avx2(const AttentionJob *job, int row, int slot, int chunk, int kv_head) {
+    const int dim = job->dim, group = job->heads / job->kv_heads, position = job->start + row;
+    const int first = attention_first_key(job, row);
+    const int lo = chunk * KEY_CHUNK > first ? chunk * KEY_CHUNK : first;
+    const int hi = chunk * KEY_CHUNK + KEY_CHUNK - 1 < position ? chunk * KEY_CHUNK + KEY_CHUNK - 1 : position;
+    const int count = hi - lo + 1;
+    const float *keys = job->keys + ((size_t)kv_head * job->capacity + lo) * dim;
+    const float *values = job->values + ((size_t)kv_head * job->capacity + lo) * dim;
+    float scores[KEY_CHUNK];
+    for (int head = kv_head * group; head < (kv_head + 1) * group; head++) {
+        const float *q = job->q + (ptrdiff_t)row * job->q_stride + (ptrdiff_t)head * dim;
+        float *out = job->slot_out + ((size_t)slot * job->heads + head) * dim;
+        float highest = -INFINITY;
         for (int t = 0; t < count; t++) {
-            const __m256 weight = _mm256_set1_ps(scores[t]);
-            const float *v = values + (size_t)t * dim + i;
-            for (int c = 0; c < 8; c++) acc[c] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(v + 8 * c), acc[c]);
+            scores[t] = dot(q, keys + (size_t)t * dim, dim) * job->scale;
+            highest = scores[t] > highest ? scores[t] : highest;
         }
-        const __m256 divisor = _mm256_set1_ps(total);
-        for (int c = 0; c < 8; c++) _mm256_storeu_ps(out + i + 8 * c, _mm256_div_ps(acc[c], divisor));
+        const __m256 top = _mm256_set1_ps(highest);
+        __m256 lanes = _mm256_setzero_ps();
+        const int whole = count - count % 8;
+        for (int t = 0; t < whole; t += 8) {
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + t), top));
+            _mm256_storeu_ps(scores + t, e);
+            lanes = _mm256_add_ps(lanes, e);
+        }
+        float total = sum8(lanes);
+        for (int t = whole; t < count; t++) {
+            scores[t] = exp1(scores[t] - highest);
+            total += scores[t];
+        }
+        /* 64 dimensions at a time in registers, each a sum over the keys in order */
+        int i = 0;
+        for (; i + 64 <= dim; i += 64) {
+            __m256 acc[8];
+            for (int c = 0; c < 8; c++) acc[c] = _mm256_setzero_ps();
+            for (int t = 0; t < count; t++) {
+                const __m256 weight = _mm256_set1_ps(scores[t]);
+                const float *v = values + (size_t)t * dim + i;
+                for (int c = 0; c < 8; c++) acc[c] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(v + 8 * c), acc[c]);
+            }
+            for (int c = 0; c < 8; c++) _mm256_storeu_ps(out + i + 8 * c, acc[c]);
+        }
+        for (; i < dim; i++) {
+            float acc = 0.0f;
+            for (int t = 0; t < count; t++) acc = fma1(scores[t], values[(size_t)t * dim + i], acc);
+            out[i] = acc;
+        }
+        job->slot_max[(size_t)slot * job->heads + head] = highest;
+        job->slot_sum[(size_t)slot * job->heads + head] = total;
     }
-    for (; i < dim; i++) {
-        float acc = 0.0f;
-        for (int t = 0; t < count; t++) acc = fma1(scores[t], values[(size_t)t * dim + i], acc);
-        out[i] = acc / total;
+}
+
+/* ops_scalar.c's attention_combine. */
+void attention_combine_avx2(const AttentionJob *job, int row, int head) {
+    const int dim = job->dim, heads = job->heads;
+    const int begin = job->first_slot[row], end = job->first_slot[row + 1];
+    float *out = job->out + ((size_t)row * heads + head) * dim;
+    float highest = -INFINITY;
+    for (int slot = begin; slot < end; slot++) {
+        const float m = job->slot_max[(size_t)slot * heads + head];
+        highest = m > highest ? m : highest;
     }
+    float total = 0.0f;
+    int i;
+    for (i = 0; i < dim; i++) out[i] = 0.0f;
+    for (int slot = begin; slot < end; slot++) {
+        const float factor = exp1(job->slot_max[(size_t)slot * heads + head] - highest);
+        const float *partial = job->slot_out + ((size_t)slot * heads + head) * dim;
+        total = fma1(job->slot_sum[(size_t)slot * heads + head], factor, total);
+        const __m256 f = _mm256_set1_ps(factor);
+        for (i = 0; i + 8 <= dim; i += 8) {
+            _mm256_storeu_ps(out + i, _mm256_fmadd_ps(f, _mm256_loadu_ps(partial + i), _mm256_loadu_ps(out + i)));
+        }
+        for (; i < dim; i++) out[i] = fma1(factor, partial[i], out[i]);
+    }
+    const __m256 divisor = _mm256_set1_ps(total);
+    for (i = 0; i + 8 <= dim; i += 8) _mm256_storeu_ps(out + i, _mm256_div_ps(_mm256_loadu_ps(out + i), divisor));
+    for (; i < dim; i++) out[i] = out[i] / total;
 }
 
 /* dest = x * inverse * scale (+ dest when accumulate), elementwise. */

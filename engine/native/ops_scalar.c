@@ -53,40 +53,65 @@ static inline float SUFFIX(exp_lane)(float x) {
     return y * scale;
 }
 
-/* One (query row, query head) of an AttentionJob: softmax(scale * q . k_t) over its keys, times the values. */
-void SUFFIX(attention_item)(const AttentionJob *job, int item, float *scores) {
-    const int dim = job->dim, row = item / job->heads, head = item % job->heads;
-    const int kv_head = head / (job->heads / job->kv_heads);
-    const int position = job->start + row;
-    const int first = job->window > 0 && position - job->window + 1 > 0 ? position - job->window + 1 : 0;
-    const int count = position - first + 1;
-    const float *q = job->q + (ptrdiff_t)row * job->q_stride + (ptrdiff_t)head * dim;
-    const float *keys = job->keys + ((size_t)kv_head * job->capacity + first) * dim;
-    const float *values = job->values + ((size_t)kv_head * job->capacity + first) * dim;
-    float *out = job->out + ((size_t)row * job->heads + head) * dim;
-
-    float highest = -INFINITY;
-    for (int t = 0; t < count; t++) {
-        scores[t] = SUFFIX(dot)(q, keys + (size_t)t * dim, dim) * job->scale;
-        highest = scores[t] > highest ? scores[t] : highest;
-    }
-    float lanes[LANES] = {0};
-    int whole = count - count % LANES;
-    for (int t = 0; t < whole; t += LANES) {
-        for (int l = 0; l < LANES; l++) {
-            scores[t + l] = SUFFIX(exp_lane)(scores[t + l] - highest);
-            lanes[l] += scores[t + l];
+/* The chunk's keys for each query head of kv_head: maximum, sum of e^(score - maximum), and the values weighted
+ * by those exponentials, in order of position. */
+void SUFFIX(attention_chunk)(const AttentionJob *job, int row, int slot, int chunk, int kv_head) {
+    const int dim = job->dim, group = job->heads / job->kv_heads, position = job->start + row;
+    const int first = attention_first_key(job, row);
+    const int lo = chunk * KEY_CHUNK > first ? chunk * KEY_CHUNK : first;
+    const int hi = chunk * KEY_CHUNK + KEY_CHUNK - 1 < position ? chunk * KEY_CHUNK + KEY_CHUNK - 1 : position;
+    const int count = hi - lo + 1;
+    const float *keys = job->keys + ((size_t)kv_head * job->capacity + lo) * dim;
+    const float *values = job->values + ((size_t)kv_head * job->capacity + lo) * dim;
+    float scores[KEY_CHUNK];
+    for (int head = kv_head * group; head < (kv_head + 1) * group; head++) {
+        const float *q = job->q + (ptrdiff_t)row * job->q_stride + (ptrdiff_t)head * dim;
+        float *out = job->slot_out + ((size_t)slot * job->heads + head) * dim;
+        float highest = -INFINITY;
+        for (int t = 0; t < count; t++) {
+            scores[t] = SUFFIX(dot)(q, keys + (size_t)t * dim, dim) * job->scale;
+            highest = scores[t] > highest ? scores[t] : highest;
         }
+        float lanes[LANES] = {0};
+        int whole = count - count % LANES;
+        for (int t = 0; t < whole; t += LANES) {
+            for (int l = 0; l < LANES; l++) {
+                scores[t + l] = SUFFIX(exp_lane)(scores[t + l] - highest);
+                lanes[l] += scores[t + l];
+            }
+        }
+        float total = SUFFIX(tree8)(lanes);
+        for (int t = whole; t < count; t++) {
+            scores[t] = SUFFIX(exp_lane)(scores[t] - highest);
+            total += scores[t];
+        }
+        for (int i = 0; i < dim; i++) out[i] = 0.0f;
+        for (int t = 0; t < count; t++) {
+            const float weight = scores[t], *v = values + (size_t)t * dim;
+            for (int i = 0; i < dim; i++) out[i] = fmaf(weight, v[i], out[i]);
+        }
+        job->slot_max[(size_t)slot * job->heads + head] = highest;
+        job->slot_sum[(size_t)slot * job->heads + head] = total;
     }
-    float total = SUFFIX(tree8)(lanes);
-    for (int t = whole; t < count; t++) {
-        scores[t] = SUFFIX(exp_lane)(scores[t] - highest);
-        total += scores[t];
+}
+
+/* The row's chunks for one head, in order: each scaled by e^(its maximum - the largest), summed, normalised. */
+void SUFFIX(attention_combine)(const AttentionJob *job, int row, int head) {
+    const int dim = job->dim, heads = job->heads;
+    const int begin = job->first_slot[row], end = job->first_slot[row + 1];
+    float *out = job->out + ((size_t)row * heads + head) * dim;
+    float highest = -INFINITY;
+    for (int slot = begin; slot < end; slot++) {
+        const float m = job->slot_max[(size_t)slot * heads + head];
+        highest = m > highest ? m : highest;
     }
+    float total = 0.0f;
     for (int i = 0; i < dim; i++) out[i] = 0.0f;
-    for (int t = 0; t < count; t++) {
-        const float weight = scores[t], *v = values + (size_t)t * dim;
-        for (int i = 0; i < dim; i++) out[i] = fmaf(weight, v[i], out[i]);
+    for (int slot = begin; slot < end; slot++) {
+        const float factor = SUFFIX(exp_lane)(job->slot_max[(size_t)slot * heads + head] - highest);
+        const float *partial = job->slot_out + ((size_t)slot * heads + head) * dim;
+        total = fmaf(job->slot_sum[(size_t)slot * heads + head], factor, total);
+        for (int i = 0; i < dim; i++) out[i] = fmaf(factor, partial[i], out[i]);
     }
     for (int i = 0; i < dim; i++) out[i] = out[i] / total;
 }
