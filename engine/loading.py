@@ -25,7 +25,8 @@ from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundEr
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from mtp_mcp.engine.errors import InvalidRequestError, ModelLoadError
-from mtp_mcp.engine.gguf_loading import describe_gguf, gguf_is_quantized, load_gguf_weights
+from mtp_mcp.engine.gguf_loading import describe_gguf, gguf_is_quantized, load_gguf_weights, name_added_tokens
+from mtp_mcp.engine.memory import release_freed_memory
 from mtp_mcp.engine.options import check_device, check_quantize, check_source
 from mtp_mcp.engine.quantized import QUANTIZE_FORMATS, quantize_model
 
@@ -106,6 +107,7 @@ def load_model(source: str | None, device: str = "auto", dtype: str = "auto", qu
                                         quantized_gguf=gguf is not None and gguf_is_quantized(path))
         started = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        release_freed_memory()  # what parsing a large tokenizer.json used (~250 MB for Gemma 3's), before the weights
         if gguf is not None:
             model = load_gguf_weights(path, gguf, quantized=quantization == "gguf").to(torch_dtype)
         else:
@@ -190,6 +192,7 @@ def _described_gguf(key: str, gguf_file: Callable[[Path], Path], say: Callable[.
     target = cache_root() / _DESCRIBED_DIR / key
     # The directory only ever appears whole, by the rename below, so its existence means a complete description.
     if target.is_dir():
+        name_added_tokens(target)  # descriptions made by earlier versions lack them
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # Scratch space next to the target, on the same filesystem, so the final rename is atomic. It is removed on any
