@@ -1,14 +1,18 @@
-"""GPU readiness: what speculative decoding buys on an accelerator, without a network or a downloaded model.
+"""GPU readiness: the engine itself on an accelerator, without a network or a downloaded model.
 
     python -m mtp_mcp.benchmarks.gpu            (benchmarks/gpu.sh runs this; --tiny runs a toy shape on CPU for tests)
 
-A random-weight model of a realistic shape (Qwen3-0.6B: 28 layers, hidden 1024, GQA 16/8, vocab 151936) decodes
-two ways, on the same prompt:
-- through the engine itself (engine.decode.generate over engine.target.TargetModel, the code the server runs,
-  with an oracle drafter plugged in as any drafter is): what mtp-mcp does on this GPU today;
-- with a static KV cache, each step shape (1 position for plain decoding, k+1 for verification) captured once as a
-  CUDA graph, so the measured steps carry no Python or kernel-launch overhead: the bound a graph-captured engine
-  step could reach.
+A random-weight model of a realistic shape (Qwen3-0.6B: 28 layers, hidden 1024, GQA 16/8, vocab 151936) is saved
+as a checkpoint and loaded by the engine as the server loads one (engine.loading, bfloat16 on CUDA: the quantized
+CPU kernels do not apply there). Then:
+- the shipped code and summarise prompts (the workloads of `mtp-mcp bench`) go through `Engine` with the none,
+  ngram and suffix drafters, wall time with the prefill, tokens per pass, and whether every drafter's tokens equal
+  plain decoding's: what the server does on this GPU;
+- an oracle drafter at set acceptance rates goes through `Engine` too (random weights give real drafters nothing
+  to find), for the speedup over plain decoding as a function of acceptance;
+- beside them, a static KV cache with each step shape (1 position for plain decoding, k+1 for verification)
+  captured once as a CUDA graph, so its steps carry no Python or kernel-launch overhead: the bound a
+  graph-captured engine step could reach, and the verify-cost curve.
 The real embedded model cannot be used there: the device machine has no network and takes at most 64 MiB of files,
 and the model's package is 253 MB.
 
@@ -16,12 +20,11 @@ The weights are random, but the next token is made unambiguous so that greedy ve
 embeddings are scaled up and the layers' residual writes down (the residual stream stays close to the input token's
 embedding) and the output layer is the embedding table permuted, so the target's greedy next token is
 successor[input token], with a margin of ~sqrt(hidden) standard deviations over the rest of the vocabulary.
-The compute per step is exactly that of the real shape.
+The compute per step is exactly that of the real shape. The prompts are tokenized word by word (each distinct word
+of the shipped workloads a token), so their lengths are those of real text.
 
 An oracle drafter knows the target's greedy continuation (from the plain run) and proposes each of its k drafts
 correctly with probability p (else a wrong token). Expected tokens per target pass: (1 - p^(k+1)) / (1 - p).
-Reported: the verify-cost curve (one forward over n positions / one over 1), and for each p and k the tokens per pass,
-the speedup over plain decoding, and whether the output equals the plain greedy output (it must: verification is exact).
 """
 
 from __future__ import annotations
@@ -29,27 +32,31 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM, StaticCache
 
-from mtp_mcp.benchmarks.methods import synchronize
-from mtp_mcp.benchmarks.workloads import VERIFY_COST_POSITIONS
-from mtp_mcp.engine.decode import generate
-from mtp_mcp.engine.drafters.autoregressive import NoDrafter
+from mtp_mcp.benchmarks.methods import EngineMethod, synchronize
+from mtp_mcp.benchmarks.workloads import VERIFY_COST_POSITIONS, load_prompts, workloads_dir
+from mtp_mcp.engine.drafters import create_drafter
 from mtp_mcp.engine.drafters.base import Draft, DraftContext
+from mtp_mcp.engine.engine import Engine
+from mtp_mcp.engine.loading import LoadedModel, load_model
 from mtp_mcp.engine.request import GenerationRequest
-from mtp_mcp.engine.target import TargetModel
 
 ACCEPTANCE_RATES = (0.5, 0.6, 0.7, 0.8, 0.9)
 DRAFT_LENGTHS = (2, 4, 8)
+WORKLOADS = ("code", "summarise")
+ENGINE_DRAFTERS = ("none", "ngram", "suffix")
 PROMPT_TOKENS = 128
 # Embeddings scaled up and the layers' writes to the residual stream (o_proj, down_proj) scaled down, so that 28
 # random layers only perturb the input token's embedding (values, not shapes: the compute is unchanged).
@@ -244,21 +251,59 @@ class OracleDrafter:
     def release(self) -> None:
         pass
 
+    def remember(self, token_ids: list[int]) -> None:
+        pass
+
 
 def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """A tokenizer whose token i is the word 't<i>': the engine detokenizes as it goes, and random weights have no
-    vocabulary of their own."""
-    vocab = {f"t{i}": i for i in range(vocab_size)}
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="t0")))
+    """Token i is the i-th distinct word of the shipped workloads (split at whitespace), then fillers <w i> up to the
+    vocabulary size: real prompts keep their lengths, and random weights have no vocabulary of their own."""
+    words: dict[str, int] = {"<unk>": 0}
+    for path in sorted(workloads_dir().rglob("*")):
+        if path.is_file() and path.suffix in (".py", ".txt"):
+            for word in re.findall(r"\S+", path.read_text(encoding="utf-8")):
+                if len(words) < vocab_size:
+                    words.setdefault(word, len(words))
+    for i in range(len(words), vocab_size):
+        words[f"<w{i}>"] = i
+    backend = Tokenizer(WordLevel(words, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
 
 
-def decode_with_engine(model, tokenizer, prompt: list[int], new_tokens: int, drafter) -> tuple[list[int], float, int]:
-    """One greedy request through the engine's decode loop, prefill included (as the engine times requests)."""
-    request = GenerationRequest(prompt="(token ids given)", max_new_tokens=new_tokens)
-    target = TargetModel(model)
-    result = generate(target, drafter, tokenizer, request, prompt, frozenset(), model.config.max_position_embeddings)
-    synchronize(model.device)
+def request_tokens(engine: Engine, prompt: list[int], new_tokens: int, drafter=None) -> tuple[list[int], float, int]:
+    """One greedy request of token ids through the engine (its worker thread, prefill included); returns the
+    tokens, the seconds and the target passes."""
+    tokenizer = engine.tokenizer
+    request = GenerationRequest(prompt=tokenizer.decode(prompt), max_new_tokens=new_tokens, add_special_tokens=False)
+    result = engine.generate(request)
     return result.token_ids, result.stats.total_time_s, result.stats.target_passes
+
+
+def engine_on_workloads(loaded: LoadedModel, new_tokens: int, prompts_per_workload: int) -> dict:
+    """Each drafter through Engine on the shipped prompts, as `mtp-mcp bench` runs them: per drafter and workload
+    tok/s (prefill included) and tokens per pass, and whether every prompt's tokens equal plain decoding's."""
+    prompts = load_prompts(list(WORKLOADS), loaded.tokenizer, prompts_per_workload)
+    rows, plain_tokens = [], {}
+    for name in ENGINE_DRAFTERS:
+        method = EngineMethod(loaded, create_drafter(name, loaded, None, None, None))
+        try:
+            method.run(prompts[0], 8)  # warm-up
+            runs = [(prompt, method.run(prompt, new_tokens)) for prompt in prompts]
+        finally:
+            method.close()
+        for prompt, run in runs:
+            plain_tokens.setdefault(prompt.name, run.token_ids)
+        for workload in WORKLOADS:
+            mine = [run for prompt, run in runs if prompt.workload == workload]
+            rows.append({
+                "drafter": name, "workload": workload, "prompts": len(mine),
+                "tokens_per_second": sum(len(r.token_ids) for r in mine) / sum(r.seconds for r in mine),
+                "tokens_per_pass": sum(len(r.token_ids) for r in mine) / sum(r.target_passes for r in mine),
+                "equal_to_plain": all(run.token_ids == plain_tokens[prompt.name] for prompt, run in runs
+                                      if prompt.workload == workload),
+            })
+    return {"prompt_tokens": {p.name: len(loaded.tokenizer(p.text)["input_ids"]) for p in prompts}, "rows": rows}
 
 
 def verify_cost(decoder: StaticDecoder, prompt: list[int], trials: int) -> dict[int, float]:
@@ -299,9 +344,18 @@ def run(args: argparse.Namespace) -> dict:
     plain_seconds = statistics.median(seconds for _, seconds in plain_runs)
 
     tokenizer = word_tokenizer(model.config.vocab_size)
-    decode_with_engine(model, tokenizer, prompt, 8, NoDrafter())  # warm-up
-    engine_plain = [decode_with_engine(model, tokenizer, prompt, args.new_tokens, NoDrafter())
-                    for _ in range(args.repeats)]
+    with tempfile.TemporaryDirectory(prefix="mtp-mcp-gpu-") as folder:
+        # Saved and loaded as the server loads a checkpoint (engine.loading): dtype, device, context length.
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        loaded = load_model(folder, device=args.device, dtype=args.dtype, progress=False)
+    workloads = engine_on_workloads(loaded, args.new_tokens, args.prompts_per_workload)
+    engine = Engine(loaded, create_drafter("none", loaded, None, None, None), prefix_cache=False)
+    try:
+        request_tokens(engine, prompt, 8)  # warm-up
+        engine_plain = [request_tokens(engine, prompt, args.new_tokens) for _ in range(args.repeats)]
+    finally:
+        engine.close()
     engine_plain_seconds = statistics.median(seconds for _, seconds, _ in engine_plain)
     engine_reference = engine_plain[0][0]
 
@@ -311,9 +365,12 @@ def run(args: argparse.Namespace) -> dict:
             runs = [decode_speculative(decoder, prompt, args.new_tokens, reference, p, k, rng)
                     for _ in range(args.repeats)]
             seconds = statistics.median(r[1] for r in runs)
-            engine_runs = [decode_with_engine(model, tokenizer, prompt, args.new_tokens,
-                                              OracleDrafter(engine_reference, p, k, model.config.vocab_size, rng))
-                           for _ in range(args.repeats)]
+            oracle = Engine(loaded, OracleDrafter(engine_reference, p, k, model.config.vocab_size, rng),
+                            prefix_cache=False, draft_when_it_pays=False)
+            try:
+                engine_runs = [request_tokens(oracle, prompt, args.new_tokens) for _ in range(args.repeats)]
+            finally:
+                oracle.close()
             engine_seconds = statistics.median(r[1] for r in engine_runs)
             results.append(SpeculationResult(
                 acceptance=p,
@@ -340,6 +397,7 @@ def run(args: argparse.Namespace) -> dict:
         "verify_cost_ms": costs,
         "verify_cost_ratio": {n: ms / costs[1] for n, ms in costs.items()},
         "speculation": [asdict(r) for r in results],
+        "workloads": workloads,
         "seconds": time.perf_counter() - started,
     }
 
@@ -357,6 +415,11 @@ def format_table(report: dict) -> str:
         cells = "".join(f"{r['tokens_per_pass']:14.2f} {r['speedup']:6.2f}x {r['engine_speedup']:5.2f}x" for r in row)
         equal = all(r["equal_to_plain"] and r["engine_equal_to_plain"] for r in row)
         lines.append(f"{p:<6.1f}{cells}   {'yes' if equal else 'NO'}")
+    lines.append("the engine on the shipped prompts (prefill included): drafter, workload, tok/s, tokens per pass, "
+                 "= plain")
+    for row in report["workloads"]["rows"]:
+        lines.append(f"  {row['drafter']:<7} {row['workload']:<10} {row['tokens_per_second']:8.1f} "
+                     f"{row['tokens_per_pass']:6.2f}   {'yes' if row['equal_to_plain'] else 'NO'}")
     lines.append(f"total {report['seconds']:.0f} s")
     return "\n".join(lines)
 
@@ -369,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prompts-per-workload", type=int, default=2,
+                        help="shipped prompts of each workload run through the engine (default: 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-graphs", action="store_true", help="eager steps even on CUDA")
     parser.add_argument("--json", type=Path, help="also write the report as JSON")
