@@ -18,7 +18,15 @@ from __future__ import annotations
 
 import torch
 
-from mtp_mcp.engine.native_ops import add_rms_norm_, attention, gelu_tanh_mul, head_norm_rotary_, products, rms_norm
+from mtp_mcp.engine.native_ops import (
+    Products,
+    add_rms_norm_,
+    attention,
+    gelu_tanh_mul,
+    head_norm_rotary_,
+    rms_norm,
+    store_keys_values,
+)
 from mtp_mcp.engine.quantized import QuantizedLinear
 
 _INITIAL_CAPACITY = 1024  # tokens of cache allocated at first; doubled whenever a feed would overflow it
@@ -51,11 +59,11 @@ class _Layer:
         attention_module, mlp = layer.self_attn, layer.mlp
         self.layer_type = layer_type
         self.window = sliding_window if layer_type == "sliding_attention" else 0  # 0: every earlier position
-        self.qkv = [attention_module.q_proj.weight_blocks, attention_module.k_proj.weight_blocks,
-                    attention_module.v_proj.weight_blocks]
-        self.o_proj = [attention_module.o_proj.weight_blocks]
-        self.gate_up = [mlp.gate_proj.weight_blocks, mlp.up_proj.weight_blocks]
-        self.down = [mlp.down_proj.weight_blocks]
+        self.qkv = Products([attention_module.q_proj.weight_blocks, attention_module.k_proj.weight_blocks,
+                             attention_module.v_proj.weight_blocks])
+        self.o_proj = Products([attention_module.o_proj.weight_blocks])
+        self.gate_up = Products([mlp.gate_proj.weight_blocks, mlp.up_proj.weight_blocks])
+        self.down = Products([mlp.down_proj.weight_blocks])
         # Gemma's norms scale by (1 + weight).
         self.norms = [(1.0 + module.weight.float()).contiguous() for module in (
             layer.input_layernorm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm,
@@ -140,16 +148,15 @@ class LeanGemma3:
                start: int) -> None:
         """One decoder layer over hidden [n, H], in place."""
         n, d, heads, kv_heads = hidden.shape[0], self._head_dim, self._heads, self._kv_heads
-        qkv = products(rms_norm(hidden, layer.norms[0], layer.eps), layer.qkv)  # [n, (heads + 2 kv_heads) d]
+        qkv = layer.qkv(rms_norm(hidden, layer.norms[0], layer.eps))  # [n, (heads + 2 kv_heads) d]
         head_norm_rotary_(qkv[:, : (heads + kv_heads) * d].view(n, heads + kv_heads, d), layer.head_norm,
                           layer.head_eps, *rotary)
         keys, values = self._keys[index], self._values[index]  # [kv_heads, capacity, d]
-        keys[:, start : start + n] = qkv[:, heads * d : (heads + kv_heads) * d].view(n, kv_heads, d).transpose(0, 1)
-        values[:, start : start + n] = qkv[:, (heads + kv_heads) * d :].view(n, kv_heads, d).transpose(0, 1)
+        store_keys_values(qkv, heads * d, (heads + kv_heads) * d, keys, values, start)
         attended = attention(qkv[:, : heads * d].view(n, heads, d), keys, values, start, layer.window, layer.scaling)
-        add_rms_norm_(hidden, products(attended, layer.o_proj), layer.norms[1], layer.eps)
-        gate_up = products(rms_norm(hidden, layer.norms[2], layer.eps), layer.gate_up)
-        add_rms_norm_(hidden, products(gelu_tanh_mul(gate_up), layer.down), layer.norms[3], layer.eps)
+        add_rms_norm_(hidden, layer.o_proj(attended), layer.norms[1], layer.eps)
+        gate_up = layer.gate_up(rms_norm(hidden, layer.norms[2], layer.eps))
+        add_rms_norm_(hidden, layer.down(gelu_tanh_mul(gate_up)), layer.norms[3], layer.eps)
 
     def _reserve(self, end: int) -> None:
         capacity = self._keys[0].shape[1] if self._keys else 0

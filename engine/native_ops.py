@@ -102,23 +102,46 @@ def _check_rows(x: torch.Tensor, name: str, columns: int | None = None) -> None:
         raise ValueError(f"{name} has {x.shape[1]} columns where {columns} are needed")
 
 
+class Products:
+    """x times a fixed list of weights (one native call; the activations quantized once for all of them), with
+    what each call passes computed once: a layer holds one of these per product it makes at every step."""
+
+    def __init__(self, weights: Sequence[BlockWeight]):
+        if not weights:
+            raise ValueError("products need at least one weight")
+        self.columns = weights[0].columns
+        if any(weight.columns != self.columns for weight in weights):
+            raise ValueError("the weights of one products call must all take the same number of columns")
+        self.rows = sum(weight.rows for weight in weights)
+        self.weights = list(weights)  # kept alive: the parts below hold their addresses
+        self._parts, offset = [], 0
+        for weight in weights:
+            self._parts.append((weight.blocks.data_ptr(), weight.type, weight.rows, 4 * offset))
+            offset += weight.rows
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [n, columns] -> [n, sum of the weights' rows], the weights' outputs side by side."""
+        if x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1 or x.shape[1] != self.columns or x.is_cuda:
+            _check_rows(x, "x", self.columns)
+        out = torch.empty(x.shape[0], self.rows)
+        base, rows = out.data_ptr(), self.rows
+        specs = tuple((address, kind, weight_rows, base + offset, rows)
+                      for address, kind, weight_rows, offset in self._parts)
+        _native.products(x.data_ptr(), x.shape[0], self.columns, x.stride(0), specs)
+        return out
+
+
 def products(x: torch.Tensor, weights: Sequence[BlockWeight]) -> torch.Tensor:
     """x [n, K] float32 times each weight [rows_i, K]: returns [n, sum of rows_i], the weights' outputs side by side.
     The activations are quantized once for all the weights."""
-    if not weights:
-        raise ValueError("products needs at least one weight")
-    columns = weights[0].columns
-    _check_rows(x, "x", columns)
-    if any(weight.columns != columns for weight in weights):
-        raise ValueError("the weights of one products call must all take the same number of columns")
-    total = sum(weight.rows for weight in weights)
-    out = torch.empty(x.shape[0], total)
-    specs, offset = [], 0
-    for weight in weights:
-        specs.append((weight.blocks.data_ptr(), weight.type, weight.rows, out.data_ptr() + 4 * offset, total))
-        offset += weight.rows
-    _native.products(x.data_ptr(), x.shape[0], columns, x.stride(0), tuple(specs))
-    return out
+    return Products(weights)(x)
+
+
+def argmax_rows(x: torch.Tensor) -> list[int]:
+    """The index of each row's largest value, as torch.argmax gives it (the first of equal maxima; the first NaN
+    where there is one), without torch's threads (engine/engine.py says why they stay off)."""
+    _check_rows(x, "x")
+    return _native.argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0))
 
 
 def dequantized_rows(weight: BlockWeight, ids: torch.Tensor) -> torch.Tensor:
@@ -150,6 +173,21 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: 
     _native.attention(q.data_ptr(), q.stride(0), keys.data_ptr(), values.data_ptr(), out.data_ptr(), n, start, heads,
                       kv_heads, dim, capacity, window, scale)
     return out
+
+
+def store_keys_values(qkv: torch.Tensor, keys_column: int, values_column: int, keys: torch.Tensor,
+                      values: torch.Tensor, start: int) -> None:
+    """Rows of a fused q/k/v product (qkv [n, ...], the keys from column keys_column, the values from values_column,
+    kv_heads * dim each) into the cache keys, values [kv_heads, capacity, dim] at positions start .. start + n - 1."""
+    _check_rows(qkv, "qkv")
+    kv_heads, capacity, dim = keys.shape
+    for name, tensor in (("keys", keys), ("values", values)):
+        if tensor.dtype != torch.float32 or not tensor.is_contiguous() or tensor.shape != keys.shape:
+            raise ValueError(f"{name} must be a contiguous float32 cache [kv_heads, capacity, dim]")
+    if max(keys_column, values_column) + kv_heads * dim > qkv.shape[1] or min(keys_column, values_column) < 0:
+        raise ValueError("the key and value columns must lie within qkv's rows")
+    _native.store_keys_values(qkv.data_ptr(), qkv.stride(0), keys_column, values_column, keys.data_ptr(),
+                              values.data_ptr(), kv_heads, capacity, dim, start, qkv.shape[0])
 
 
 def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quantize
 
-from mtp_mcp.engine.native_ops import BlockWeight, dequantized_rows, products
+from mtp_mcp.engine.native_ops import BlockWeight, Products, dequantized_rows
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +58,12 @@ class QuantizedLinear(torch.nn.Module):
         self.weight_blocks = weight
         self.out_features, self.in_features = weight.rows, weight.columns
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().float(), requires_grad=False)
+        self._products = Products([weight])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in_features] -> [..., out_features], float32 inside whatever x's dtype is.
         rows = x.reshape(-1, self.in_features).float().contiguous()
-        y = products(rows, [self.weight_blocks])
+        y = self._products(rows)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)

@@ -45,6 +45,7 @@ from transformers.cache_utils import LinearAttentionCacheLayerMixin
 from mtp_mcp.engine.cpu_kernels import dot_error_factor
 from mtp_mcp.engine.errors import ModelLoadError
 from mtp_mcp.engine.lean_gemma3 import LeanGemma3, lean_gemma3_supported
+from mtp_mcp.engine.native_ops import argmax_rows
 
 # A row with more candidates than this is computed in full (rare: the bound is loose only for flat distributions).
 _MAX_RESCORED_CANDIDATES = 2048
@@ -285,7 +286,8 @@ class TargetModel:
         broken exactly as the model's own head breaks them.
         """
         if self._argmax_screen is None or len(hidden) > self._argmax_screen.max_rows:
-            return self.logits(hidden).argmax(dim=-1).tolist()
+            logits = self.logits(hidden)
+            return argmax_rows(logits) if logits.device.type == "cpu" else logits.argmax(dim=-1).tolist()
         candidates, ceilings = self._argmax_screen.candidates(hidden)
         tokens = []
         for row, ids, ceiling in zip(hidden, candidates, ceilings.tolist()):

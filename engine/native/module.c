@@ -422,6 +422,54 @@ static PyObject *py_head_norm_rotary(PyObject *self, PyObject *const *args, Py_s
     Py_RETURN_NONE;
 }
 
+/* store_keys_values(qkv, qkv_stride, keys_column, values_column, keys, values, kv_heads, capacity, dim, start, n):
+ * rows of a fused q/k/v product into a KV cache [kv_heads][capacity][dim] at positions start .. start + n - 1. */
+static PyObject *py_store_keys_values(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    void *qkv, *keys, *values;
+    long qkv_stride, keys_column, values_column, kv_heads, capacity, dim, start, n;
+    if (!expect_args(nargs, 11, "store_keys_values") || !take_pointer(args[0], &qkv) ||
+        !take_long(args[1], &qkv_stride) || !take_long(args[2], &keys_column) || !take_long(args[3], &values_column) ||
+        !take_pointer(args[4], &keys) || !take_pointer(args[5], &values) || !take_long(args[6], &kv_heads) ||
+        !take_long(args[7], &capacity) || !take_long(args[8], &dim) || !take_long(args[9], &start) ||
+        !take_long(args[10], &n))
+        return NULL;
+    if (start < 0 || start + n > capacity) return PyErr_Format(PyExc_ValueError, "store_keys_values: past the cache");
+    for (long r = 0; r < n; r++) {
+        const float *row = (const float *)qkv + r * qkv_stride;
+        for (long h = 0; h < kv_heads; h++) {
+            const size_t to = ((size_t)h * capacity + (size_t)(start + r)) * dim;
+            memcpy((float *)keys + to, row + keys_column + h * dim, sizeof(float) * (size_t)dim);
+            memcpy((float *)values + to, row + values_column + h * dim, sizeof(float) * (size_t)dim);
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+/* argmax_rows(x, rows, columns, stride) -> [the index of each row's largest value], torch.argmax's answer: the
+ * first of equal maxima, or the first NaN. */
+static PyObject *py_argmax_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    void *x;
+    long rows, columns, stride;
+    if (!expect_args(nargs, 4, "argmax_rows") || !take_pointer(args[0], &x) || !take_long(args[1], &rows) ||
+        !take_long(args[2], &columns) || !take_long(args[3], &stride))
+        return NULL;
+    PyObject *result = PyList_New(rows);
+    if (result == NULL) return NULL;
+    for (long r = 0; r < rows; r++) {
+        const float *row = (const float *)x + r * stride;
+        long best = 0;
+        float top = columns ? row[0] : 0.0f;
+        for (long i = 0; i < columns && top == top; i++) {
+            const float value = row[i];
+            if (value > top || value != value) best = i, top = value;
+        }
+        PyList_SET_ITEM(result, r, PyLong_FromLong(best));
+    }
+    return result;
+}
+
 /* ---- configuration ---- */
 
 static PyObject *py_row_bytes(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -481,6 +529,8 @@ static PyMethodDef methods[] = {
     {"add_rms_norm", (PyCFunction)(void (*)(void))py_add_rms_norm, METH_FASTCALL, "rows normed, added"},
     {"gelu_tanh_mul", (PyCFunction)(void (*)(void))py_gelu_tanh_mul, METH_FASTCALL, "gelu(gate) * up"},
     {"head_norm_rotary", (PyCFunction)(void (*)(void))py_head_norm_rotary, METH_FASTCALL, "heads normed, rotated"},
+    {"store_keys_values", (PyCFunction)(void (*)(void))py_store_keys_values, METH_FASTCALL, "k and v rows into a cache"},
+    {"argmax_rows", (PyCFunction)(void (*)(void))py_argmax_rows, METH_FASTCALL, "each row's argmax, as torch's"},
     {"row_bytes", (PyCFunction)(void (*)(void))py_row_bytes, METH_FASTCALL, "bytes of a GGUF row of a block type"},
     {"repack", (PyCFunction)(void (*)(void))py_repack, METH_FASTCALL, "GGUF rows into row blocks"},
     {"repacked_bytes", (PyCFunction)(void (*)(void))py_repacked_bytes, METH_FASTCALL, "bytes of a weight in row blocks"},
