@@ -6,6 +6,7 @@
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")
 #define SUFFIX(name) name##_avx512vnni
 #define DOT(acc, u, x) _mm256_dpbusd_epi32(acc, u, x)
+#define UNSIGNED_Q8_0 1
 #include "products_x86.h"
 #pragma GCC pop_options
 #endif

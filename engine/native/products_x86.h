@@ -18,6 +18,12 @@
 
 #define TILE_ROWS 4
 #define INLINE static inline __attribute__((always_inline))
+/* With a dot that cannot saturate (VNNI's dpbusd), Q8_0's signed weights go in as w + 128 (unsigned, a flip of the
+ * top bit) and the activations as they are, the product then corrected by 128 * (sum of q): one operation less per
+ * row than moving the sign onto the activations. The same integers either way. */
+#ifndef UNSIGNED_Q8_0
+#define UNSIGNED_Q8_0 0
+#endif
 
 INLINE __m256i SUFFIX(fifth_bits)(uint32_t bits) {
     /* bit i of bits -> 16 in byte i */
@@ -39,6 +45,8 @@ INLINE __m256 SUFFIX(bytes_as_floats)(const uint8_t *p) {
 INLINE void SUFFIX(block_tile)(const Activations *a, const Product *p, const uint8_t *record, const int k,
                                const int rb, const int r0, const int tile, const int type) {
     const Layout layout = layout_of(type);
+    const int unsigned_q8_0 = UNSIGNED_Q8_0 && type == TYPE_Q8_0;
+    const int offset = unsigned_q8_0 ? 128 : layout.offset;
     const int groups = k / GROUP;
     const int8_t *xq[TILE_ROWS];
     const float *xd[TILE_ROWS], *xdsum[TILE_ROWS];
@@ -82,8 +90,10 @@ INLINE void SUFFIX(block_tile)(const Activations *a, const Product *p, const uin
             }
             record += 16;
         }
-        __m256i lanes[TILE_ROWS], first_half[TILE_ROWS];
-        for (int r = 0; r < tile; r++) lanes[r] = _mm256_setzero_si256();
+        /* Two integer sums per row (even and odd chunks), so that a row's dots do not wait on each other: integer
+         * addition is exact, so how the sum is split changes nothing. */
+        __m256i lanes[TILE_ROWS], odd[TILE_ROWS], first_half[TILE_ROWS];
+        for (int r = 0; r < tile; r++) lanes[r] = odd[r] = _mm256_setzero_si256();
         for (int c = 0; c < 8; c++) {
             __m256i w;
             if (layout.width == 8) {
@@ -93,23 +103,28 @@ INLINE void SUFFIX(block_tile)(const Activations *a, const Product *p, const uin
                 w = _mm256_and_si256((c & 1) ? _mm256_srli_epi16(packed, 4) : packed, _mm256_set1_epi8(15));
                 if (layout.width == 5) w = _mm256_or_si256(w, SUFFIX(fifth_bits)(read_u32(record + 128 + 4 * c)));
             }
-            const __m256i magnitude = layout.width == 8 ? _mm256_abs_epi8(w) : w;
+            const int sign_onto_x = layout.width == 8 && !unsigned_q8_0;
+            const __m256i magnitude = unsigned_q8_0 ? _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80))
+                                      : sign_onto_x ? _mm256_abs_epi8(w) : w;
             for (int r = 0; r < tile; r++) {
                 const __m256i x = _mm256_set1_epi32((int)read_u32((const uint8_t *)xq[r] + (size_t)g * GROUP + 4 * c));
-                lanes[r] = DOT(lanes[r], magnitude, layout.width == 8 ? _mm256_sign_epi8(x, w) : x);
+                const __m256i signed_x = sign_onto_x ? _mm256_sign_epi8(x, w) : x;
+                if (c & 1) odd[r] = DOT(odd[r], magnitude, signed_x);
+                else lanes[r] = DOT(lanes[r], magnitude, signed_x);
             }
             if (layout.scales == SCALES_Q6K && c == 3) {
                 for (int r = 0; r < tile; r++) {
-                    first_half[r] = _mm256_mullo_epi32(lanes[r], half_a);
-                    lanes[r] = _mm256_setzero_si256();
+                    first_half[r] = _mm256_mullo_epi32(_mm256_add_epi32(lanes[r], odd[r]), half_a);
+                    lanes[r] = odd[r] = _mm256_setzero_si256();
                 }
             }
         }
+        for (int r = 0; r < tile; r++) lanes[r] = _mm256_add_epi32(lanes[r], odd[r]);
         record += value_bytes(layout.width);
         for (int r = 0; r < tile; r++) {
             __m256i sum = lanes[r];
             if (layout.scales == SCALES_Q6K) sum = _mm256_add_epi32(first_half[r], _mm256_mullo_epi32(sum, half_b));
-            if (layout.offset) sum = _mm256_sub_epi32(sum, _mm256_set1_epi32(layout.offset * xsum[r][g]));
+            if (offset) sum = _mm256_sub_epi32(sum, _mm256_set1_epi32(offset * xsum[r][g]));
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(dw, _mm256_set1_ps(xd[r][g])), acc[r]);
             if (layout.has_min) acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xdsum[r][g]), acc[r]);
         }
