@@ -14,6 +14,7 @@ import torch
 import transformers
 
 from mtp_mcp.benchmarks.runner import MethodSummary
+from mtp_mcp.engine import native_ops
 from mtp_mcp.benchmarks.verify_cost import VerifyCost
 
 _NUMBER_LIST = re.compile(r"\[\s*([-+0-9.eE,\s]+?)\s*\]")
@@ -30,7 +31,26 @@ def machine_info() -> dict:
         "transformers": transformers.__version__,
         "python": sys.version.split()[0],
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        # Which SIMD the CPU has matters as much as its name (machines here are AVX2-only or AVX-512 with VNNI),
+        # and which of them the native kernels use.
+        "cpu_simd": _cpu_simd(),
+        "native_kernels": native_ops.instruction_set(),
     }
+
+
+_SIMD_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16",
+               "amx_tile", "amx_int8")
+
+
+def _cpu_simd() -> list[str]:
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        return []
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return [flag for flag in _SIMD_FLAGS if flag in flags]
+    return []
 
 
 def _cpu_model() -> str:
