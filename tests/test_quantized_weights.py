@@ -15,9 +15,9 @@ from tiny_checkpoints import build_tiny_checkpoint
 
 from mtp_mcp.engine import native_ops
 from mtp_mcp.engine.cpu_kernels import use_cpu_kernels
+from mtp_mcp.engine.drafters import create_drafter
 from mtp_mcp.engine.drafters.autoregressive import NoDrafter
 from mtp_mcp.engine.drafters.draft_model import DraftModelDrafter
-from mtp_mcp.engine.drafters.prompt_lookup import PromptLookupDrafter
 from mtp_mcp.engine.engine import Engine, EngineOptions
 from mtp_mcp.engine.errors import InvalidRequestError, ModelLoadError
 from mtp_mcp.engine.lean_gemma3 import lean_gemma3_supported
@@ -122,14 +122,17 @@ def test_quantizing_on_a_device_or_dtype_the_kernels_do_not_run_is_one_sentence(
         load_model(str(path), device="cpu", quantize="int2")
 
 
-@pytest.mark.parametrize("drafter", ["ngram", "draft-model"])
+@pytest.mark.parametrize("drafter", ["ngram", "suffix", "draft-model"])
 def test_drafting_on_quantized_weights_gives_the_engine_s_own_plain_decoding(block_gguf: Path, drafter: str):
     # Lossless with a quantized target means: what the same quantized model decodes one token per pass.
     loaded = load_model(str(block_gguf), device="cpu")
     use_cpu_kernels(loaded.model)
     plain = Engine(loaded, NoDrafter())
-    draft = load_model(str(block_gguf), device="cpu").model  # a copy of the target as its own draft model
-    speculative = Engine(loaded, PromptLookupDrafter(4) if drafter == "ngram" else DraftModelDrafter(draft, 3))
+    if drafter == "draft-model":  # a copy of the target as its own draft model
+        drafting = DraftModelDrafter(load_model(str(block_gguf), device="cpu").model, 3)
+    else:
+        drafting = create_drafter(drafter, loaded, None, None, None)
+    speculative = Engine(loaded, drafting)
     try:
         for prompt in (PROMPT, PROMPT * 3, "a b a b a b a b"):
             request = GenerationRequest(prompt, max_new_tokens=40)
