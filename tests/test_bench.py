@@ -17,6 +17,7 @@ from mtp_mcp.benchmarks import prefill_cost
 from mtp_mcp.benchmarks.agent_trace import load_trace
 from mtp_mcp.benchmarks.workloads import WORKLOAD_NAMES, cut_after_def
 from mtp_mcp.cli import main
+from mtp_mcp.engine import native_ops
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -57,7 +58,7 @@ def test_bench_prints_table_and_writes_json_and_plot(tiny_dir, tmp_path, capsys)
 def test_agent_trace_replays_every_call_through_the_server_with_each_set_up(tmp_path, capsys):
     # Summaries of the shipped texts need a longer context than the other workloads with this tokenizer.
     # Attention only (llama): any shared prefix is reusable, as in the lean Gemma 3 cache the embedded model runs.
-    model = build_tiny_checkpoint(tmp_path / "tiny", arch="llama", context_length=8192, eos_reachable=False)
+    model = build_tiny_checkpoint(tmp_path / "tiny", arch="llama", context_length=8192, eos="not_by_greedy")
     json_path = tmp_path / "trace.json"
     assert main(["bench", "--agent-trace", "--model", str(model), "--json", str(json_path)]) == 0
     table = capsys.readouterr().out
@@ -109,6 +110,7 @@ def test_verify_cost_times_every_position_count_for_both_kernels(tiny_dir, tmp_p
     [
         (["--workloads", "code,poetry"], "not a list of workloads"),
         (["--repeats", "0"], "not a whole number of at least 1"),
+        (["--native-kernels", "neon"], "invalid choice: 'neon'"),
     ],
 )
 def test_bad_bench_options_exit_2_with_one_sentence(args, message, tiny_dir, capsys):
@@ -116,6 +118,29 @@ def test_bad_bench_options_exit_2_with_one_sentence(args, message, tiny_dir, cap
         main(["bench", "--model", tiny_dir, *args])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.fixture
+def native_kernels_restored():
+    chosen = native_ops.instruction_set()
+    yield
+    native_ops.use_instruction_set(chosen)
+
+
+def test_the_native_kernels_instruction_set_is_chosen_for_the_run_and_recorded(tiny_dir, tmp_path,
+                                                                              native_kernels_restored):
+    json_path = tmp_path / "verify.json"
+    assert main(["bench", "--verify-cost", "--model", tiny_dir, "--repeats", "1", "--native-kernels", "scalar",
+                 "--json", str(json_path)]) == 0
+    assert json.loads(json_path.read_text())["meta"]["native_kernels"] == native_ops.instruction_set() == "scalar"
+
+
+def test_native_kernels_this_cpu_lacks_are_refused_in_one_sentence(tiny_dir, capsys, monkeypatch,
+                                                                   native_kernels_restored):
+    monkeypatch.setattr(native_ops, "instruction_sets", lambda: ("scalar", "avx2"))
+    assert main(["bench", "--model", tiny_dir, "--native-kernels", "avx512vnni"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == "mtp-mcp: --native-kernels avx512vnni is not available on this CPU; it runs scalar, avx2"
 
 
 def test_a_bench_beyond_the_context_is_refused_before_running(tiny_dir, capsys):

@@ -29,6 +29,8 @@ from mtp_mcp.server.prompts import FIM_STYLES
 
 MTP_MCP = shutil.which("mtp-mcp") or str(Path(sys.executable).with_name("mtp-mcp"))
 # Repeats, so that vLLM's n-gram drafter finds matches in the prompt and its output.
+CONTEXT = 4096
+LONG_CALL_TOKENS = 4000  # a sampled generation that is still running when it is cancelled or vLLM is killed
 REPETITIVE = "def add(a, b):\n    return a + b\n\ndef add(a, b):\n    return a + b\n\ndef add(a, b):"
 
 
@@ -45,16 +47,17 @@ class Progress:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    # head_dim 32: vLLM's CPU attention rejects 16. <eos> unreachable: every generation runs to its token limit.
+    # head_dim 32: vLLM's CPU attention rejects 16. <eos> unreachable even by sampling: every generation runs to its
+    # token limit (the long sampled calls below must still be running when they are cancelled or vLLM is killed).
     # Chat template and FIM tokens: both prompt framings go through the upstream's tokenizer.
     return build_tiny_checkpoint(tmp_path_factory.mktemp("vllm-model") / "tiny", arch="llama", head_dim=32,
-                                 context_length=2048, chat_template=GEMMA_STYLE_CHAT_TEMPLATE, fim=True,
-                                 eos_reachable=False)
+                                 context_length=CONTEXT, chat_template=GEMMA_STYLE_CHAT_TEMPLATE, fim=True,
+                                 eos="never")
 
 
 @pytest.fixture(scope="module")
 def vllm(model_dir, tmp_path_factory):
-    server = VllmServer(model_dir, tmp_path_factory.mktemp("vllm-log") / "vllm.log")
+    server = VllmServer(model_dir, tmp_path_factory.mktemp("vllm-log") / "vllm.log", max_model_len=CONTEXT)
     yield server
     server.kill()
 
@@ -74,7 +77,7 @@ async def client(backend):
 
 def test_the_backend_learns_model_context_template_and_speculation_from_the_upstream(backend, vllm, model_dir):
     local = AutoTokenizer.from_pretrained(model_dir)
-    assert (backend.model, backend.context_length, backend.reports_speculation) == ("tiny", 2048, True)
+    assert (backend.model, backend.context_length, backend.reports_speculation) == ("tiny", CONTEXT, True)
     assert backend.encode("héllo wörld 日本語") == local("héllo wörld 日本語")["input_ids"]
     messages = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello"},
                 {"role": "user", "content": "Add two numbers"}]
@@ -140,16 +143,18 @@ async def test_complete_code_and_summarise_run_through_the_upstream(client, vllm
 
 
 async def test_a_prompt_beyond_the_upstream_context_gets_one_sentence(client):
-    with pytest.raises(ToolError, match=r"beyond the model's context of 2048 tokens"):
-        await client.call_tool("generate", {"prompt": "word " * 2100, "max_new_tokens": 5})
+    with pytest.raises(ToolError, match=rf"beyond the model's context of {CONTEXT} tokens"):
+        await client.call_tool("generate", {"prompt": "word " * (CONTEXT + 100), "max_new_tokens": 5})
 
 
 async def test_cancelling_a_call_aborts_the_upstream_request(client, vllm):
     generated_before = vllm.metric("vllm:generation_tokens_total")
     progress = Progress()
-    # Sampled: few drafts hold, so the 1,800 tokens take vLLM seconds (greedy, this model repeats itself and n-gram
-    # drafts make it so fast that the whole generation could end before the cancel arrives).
-    sampled = {"prompt": "Once", "max_new_tokens": 1800, "temperature": 1.0, "seed": 1}
+    # Sampled: few drafts hold, so the 4,000 tokens take vLLM 13-30 s (greedy, this model repeats itself and n-gram
+    # drafts make it so fast that the whole generation could end before the cancel arrives). The cancel reaches vLLM's
+    # engine 1.5-2 s after the first text (measured here; its API server shares the 2 cores), and on a first, cold
+    # run the first text comes late: 1,800 tokens were once all generated before the abort landed.
+    sampled = {"prompt": "Once", "max_new_tokens": LONG_CALL_TOKENS, "temperature": 1.0, "seed": 1}
     call = asyncio.create_task(client.call_tool("generate", sampled, progress_handler=progress))
     await progress.first.wait()
     call.cancel()
@@ -162,7 +167,7 @@ async def test_cancelling_a_call_aborts_the_upstream_request(client, vllm):
     assert vllm.metric("vllm:num_requests_running") == 0, vllm.log_tail()
     await asyncio.sleep(1)
     generated = vllm.metric("vllm:generation_tokens_total") - generated_before
-    assert generated < 900, f"{generated} tokens generated after the call was cancelled at the first text"
+    assert generated < LONG_CALL_TOKENS / 2, f"{generated} tokens generated after the call was cancelled at the first text"
 
 
 async def test_concurrent_calls_run_together_upstream_within_the_bound(vllm):
@@ -214,7 +219,7 @@ async def test_mtp_mcp_serve_over_stdio_in_front_of_vllm(vllm, tmp_path, monkeyp
 async def test_an_upstream_that_dies_mid_stream_costs_one_sentence_and_the_server_stays_up(client, vllm):
     # Last in this module: vLLM does not come back.
     progress = Progress()
-    sampled = {"prompt": "Once", "max_new_tokens": 1800, "temperature": 1.0, "seed": 1}  # seconds long, as above
+    sampled = {"prompt": "Once", "max_new_tokens": LONG_CALL_TOKENS, "temperature": 1.0, "seed": 1}  # as above
     call = asyncio.create_task(client.call_tool("generate", sampled, progress_handler=progress, raise_on_error=False))
     await progress.first.wait()
     vllm.kill()

@@ -50,7 +50,7 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout_s: float = 120) 
 @pytest.fixture(scope="module")
 def long_running_checkpoint(tmp_path_factory):
     # A long context and no reachable EOS, so that a generation runs long enough to be cut short.
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("http") / "tiny", context_length=8192, eos_reachable=False)
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("http") / "tiny", context_length=8192, eos="not_by_greedy")
 
 
 @contextlib.contextmanager

@@ -153,7 +153,7 @@ def tiny_options(path, **fields) -> EngineOptions:
 
 def test_an_engine_remembers_earlier_requests_across_a_restart(tmp_path, monkeypatch):
     monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
-    checkpoint = build_tiny_checkpoint(tmp_path / "model", eos_reachable=False)
+    checkpoint = build_tiny_checkpoint(tmp_path / "model", eos="not_by_greedy")
     request = GenerationRequest("Ünïcödé ü ö ä ß 日本語", max_new_tokens=40)
     first = Engine.load(tiny_options(checkpoint))
     try:

@@ -35,15 +35,19 @@ def build_tiny_checkpoint(
     vocab_size: int = VOCAB,
     context_length: int = 512,
     seed: int = 0,
-    eos_reachable: bool = True,
+    eos: Literal["reachable", "not_by_greedy", "never"] = "reachable",
     head_dim: int | None = None,
 ) -> Path:
     """Saves a tiny random model and its tokenizer to `path` (created if needed) and returns the path.
 
     vocab_size is the BPE vocabulary (bytes, merges and <bos>/<eos>/<pad>); the chat and FIM special tokens come on
     top, and the model's embedding matches the final tokenizer length. context_length is max_position_embeddings.
-    eos_reachable=False zeroes the <eos> row of the (tied) output layer: its logit is then 0 while the largest of the
-    others is positive, so greedy decoding runs to max_new_tokens.
+    eos="not_by_greedy" zeroes the <eos> row of the output layer: its logit is then 0 while the largest of the others
+    is positive, so greedy decoding runs to max_new_tokens; sampling still draws <eos> about once in a vocabulary's
+    worth of tokens (the random logits are nearly equal). eos="never" (llama) makes sampling run to max_new_tokens
+    too: every token's input embedding gets 1.0 in dimension 0, far above the other dimensions (std 0.02) and above
+    what the two layers' small random writes can flip, so the final normed hidden state is about +8 there; the <eos>
+    output row is -4 there and 0 elsewhere, so its logit sits about 32 below the others (probability ~e^-32).
     """
     path = Path(path)
     tokenizer = train_tiny_tokenizer(vocab_size)
@@ -66,9 +70,18 @@ def build_tiny_checkpoint(
     model = tiny_llama(seed, context_length, head_dim) if head_dim else builders[arch](seed, context_length)
     # The added chat/FIM tokens need rows in the embedding (and the tied output layer).
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    if not eos_reachable:
+    if eos not in ("reachable", "not_by_greedy", "never"):
+        raise ValueError(f"eos is {eos!r}; it must be 'reachable', 'not_by_greedy' or 'never'")
+    if eos == "never" and arch != "llama":
+        raise ValueError("eos='never' is for the llama architecture (Gemma's per-layer post-norms write O(1) values)")
+    if eos != "reachable":
         with torch.no_grad():
-            model.get_output_embeddings().weight[tokenizer.eos_token_id] = 0
+            if eos == "never":
+                model.get_input_embeddings().weight[:, 0] = 1.0
+            output = model.get_output_embeddings().weight  # if tied, <eos>'s input row too: it is never an input
+            output[tokenizer.eos_token_id] = 0
+            if eos == "never":
+                output[tokenizer.eos_token_id, 0] = -4.0
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.eval().save_pretrained(path)
