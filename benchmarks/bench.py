@@ -32,6 +32,7 @@ from mtp_mcp.benchmarks.runner import run_interleaved, summarise_runs
 from mtp_mcp.benchmarks.upstream import run_upstream_bench, upstream_table
 from mtp_mcp.benchmarks.verify_cost import measure_verify_cost
 from mtp_mcp.benchmarks.workloads import VERIFY_COST_CACHE_TOKENS, VERIFY_COST_POSITIONS, load_prompts
+from mtp_mcp.engine import native_ops
 from mtp_mcp.engine.cpu_kernels import use_cpu_kernels
 from mtp_mcp.engine.drafters import Drafter, create_drafter
 from mtp_mcp.engine.drafters.gemma4_assistant import is_gemma4_assistant
@@ -49,6 +50,8 @@ def run_bench(args: argparse.Namespace) -> int:
     _check_optional_packages(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.native_kernels:
+        _use_native_kernels(args.native_kernels)
     if args.agent_trace:
         return _run_agent_trace(args)
     if args.upstream:
@@ -251,6 +254,14 @@ def _llama_cpp_method(args: argparse.Namespace, loaded: LoadedModel) -> LlamaCpp
 def _check_optional_packages(args: argparse.Namespace) -> None:
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise InvalidRequestError("--plot needs matplotlib, which is not installed; pip install 'mtp-mcp[bench]'")
+
+
+def _use_native_kernels(name: str) -> None:
+    available = native_ops.instruction_sets()
+    if name not in available:
+        raise InvalidRequestError(f"--native-kernels {name} is not available on this CPU; it runs "
+                                  f"{', '.join(available)}")
+    native_ops.use_instruction_set(name)
 
 
 def _check_prompts_fit(prompts: list, loaded: LoadedModel, max_new_tokens: int) -> None:

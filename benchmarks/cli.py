@@ -18,6 +18,8 @@ from mtp_mcp.benchmarks.llama_cpp import DEFAULT_PREFIX, PINNED_VERSION
 from mtp_mcp.benchmarks.workloads import VERIFY_COST_CACHE_TOKENS, VERIFY_COST_POSITIONS, WORKLOAD_NAMES
 
 DEFAULT_REPEATS = 3
+# engine/native/module.c's names, narrowest first (what this CPU runs is checked when the bench starts).
+NATIVE_INSTRUCTION_SETS = ("scalar", "avx2", "avx512vnni")
 DEFAULT_VERIFY_COST_TRIALS = 15
 
 
@@ -62,6 +64,10 @@ def add_bench_arguments(commands: argparse._SubParsersAction) -> argparse.Argume
                         f"node-llama-cpp@{PINNED_VERSION}); when it is, a GGUF model on CPU also runs through "
                         f"llama.cpp, same file and threads (default: {DEFAULT_PREFIX})")
     parser.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp out even when it is installed")
+    parser.add_argument("--native-kernels", choices=NATIVE_INSTRUCTION_SETS, metavar="NAME",
+                        help="the instruction set the native kernels run for the whole run, one of "
+                        f"{', '.join(NATIVE_INSTRUCTION_SETS)} that this CPU has (default: the widest it has); "
+                        "each computes the same floats, so this measures, say, an AVX2-only CPU's speed on a newer one")
     parser.add_argument("--stock-kernels", action="store_true",
                         help="run the engine on stock transformers modules, without engine.cpu_kernels")
     parser.set_defaults(run=_run_bench)
