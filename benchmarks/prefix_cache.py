@@ -14,6 +14,7 @@ import torch
 
 from mtp_mcp.benchmarks.report import machine_info
 from mtp_mcp.benchmarks.workloads import workloads_dir
+from mtp_mcp.engine.cpu_kernels import use_cpu_kernels
 from mtp_mcp.engine.drafters.autoregressive import NoDrafter
 from mtp_mcp.engine.engine import Engine
 from mtp_mcp.engine.loading import load_model
@@ -32,6 +33,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = load_model(args.model, device="cpu")
+    use_cpu_kernels(loaded.model)  # as Engine.load does: without it both sides ran transformers' stock modules
     source = (workloads_dir() / "code" / "queue.py").read_text() * 2
     ids = loaded.tokenizer(source, add_special_tokens=False)["input_ids"]
     previous = loaded.tokenizer.decode(ids[:PREVIOUS_TOKENS])
