@@ -148,12 +148,15 @@ async def test_a_prompt_beyond_the_upstream_context_gets_one_sentence(client):
 
 
 async def test_cancelling_a_call_aborts_the_upstream_request(client, vllm):
-    generated_before = vllm.metric("vllm:generation_tokens_total")
+    # vLLM counts a request that ends by itself in request_success_total (finished_reason stop, length, ...) and one
+    # its client aborts nowhere there, so the count must not move. (Its token counter lags: a delta of it once took
+    # in 900 tokens of the tests before.)
+    await asyncio.sleep(1)  # counters of the tests before settled
+    finished_before = vllm.metric("vllm:request_success_total")
     progress = Progress()
     # Sampled: few drafts hold, so the 4,000 tokens take vLLM 13-30 s (greedy, this model repeats itself and n-gram
     # drafts make it so fast that the whole generation could end before the cancel arrives). The cancel reaches vLLM's
-    # engine 1.5-2 s after the first text (measured here; its API server shares the 2 cores), and on a first, cold
-    # run the first text comes late: 1,800 tokens were once all generated before the abort landed.
+    # engine 1.5-2 s after the first text (measured here; its API server shares the 2 cores).
     sampled = {"prompt": "Once", "max_new_tokens": LONG_CALL_TOKENS, "temperature": 1.0, "seed": 1}
     call = asyncio.create_task(client.call_tool("generate", sampled, progress_handler=progress))
     await progress.first.wait()
@@ -166,8 +169,7 @@ async def test_cancelling_a_call_aborts_the_upstream_request(client, vllm):
         await asyncio.sleep(0.1)
     assert vllm.metric("vllm:num_requests_running") == 0, vllm.log_tail()
     await asyncio.sleep(1)
-    generated = vllm.metric("vllm:generation_tokens_total") - generated_before
-    assert generated < LONG_CALL_TOKENS / 2, f"{generated} tokens generated after the call was cancelled at the first text"
+    assert vllm.metric("vllm:request_success_total") == finished_before, "the cancelled request ran to its end"
 
 
 async def test_concurrent_calls_run_together_upstream_within_the_bound(vllm):
