@@ -9,6 +9,7 @@
 #ifndef MTP_NATIVE_H
 #define MTP_NATIVE_H
 
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -89,6 +90,30 @@ typedef struct {
 static inline int attention_first_key(const AttentionJob *job, int row) {
     const int position = job->start + row;
     return job->window > 0 && position - job->window + 1 > 0 ? position - job->window + 1 : 0;
+}
+
+/* The keys and values that row `row`'s chunk `chunk` reads for kv head `kv_head`: `count` positions from `keys`. */
+typedef struct {
+    const float *keys, *values;
+    int count;
+} KeySpan;
+
+static inline KeySpan attention_chunk_span(const AttentionJob *job, int row, int chunk, int kv_head) {
+    const int first = attention_first_key(job, row), position = job->start + row;
+    const int lo = chunk * KEY_CHUNK > first ? chunk * KEY_CHUNK : first;
+    const int hi = chunk * KEY_CHUNK + KEY_CHUNK - 1 < position ? chunk * KEY_CHUNK + KEY_CHUNK - 1 : position;
+    const size_t offset = ((size_t)kv_head * job->capacity + lo) * job->dim;
+    return (KeySpan){job->keys + offset, job->values + offset, hi - lo + 1};
+}
+
+/* The largest of row `row`'s chunk maxima for `head`. */
+static inline float attention_slots_max(const AttentionJob *job, int row, int head) {
+    float highest = -INFINITY;
+    for (int slot = job->first_slot[row]; slot < job->first_slot[row + 1]; slot++) {
+        const float m = job->slot_max[(size_t)slot * job->heads + head];
+        highest = m > highest ? m : highest;
+    }
+    return highest;
 }
 
 /* The kernels of one instruction set. */

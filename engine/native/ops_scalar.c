@@ -56,13 +56,10 @@ static inline float SUFFIX(exp_lane)(float x) {
 /* The chunk's keys for each query head of kv_head: maximum, sum of e^(score - maximum), and the values weighted
  * by those exponentials, in order of position. */
 void SUFFIX(attention_chunk)(const AttentionJob *job, int row, int slot, int chunk, int kv_head) {
-    const int dim = job->dim, group = job->heads / job->kv_heads, position = job->start + row;
-    const int first = attention_first_key(job, row);
-    const int lo = chunk * KEY_CHUNK > first ? chunk * KEY_CHUNK : first;
-    const int hi = chunk * KEY_CHUNK + KEY_CHUNK - 1 < position ? chunk * KEY_CHUNK + KEY_CHUNK - 1 : position;
-    const int count = hi - lo + 1;
-    const float *keys = job->keys + ((size_t)kv_head * job->capacity + lo) * dim;
-    const float *values = job->values + ((size_t)kv_head * job->capacity + lo) * dim;
+    const int dim = job->dim, group = job->heads / job->kv_heads;
+    const KeySpan span = attention_chunk_span(job, row, chunk, kv_head);
+    const int count = span.count;
+    const float *keys = span.keys, *values = span.values;
     float scores[KEY_CHUNK];
     for (int head = kv_head * group; head < (kv_head + 1) * group; head++) {
         const float *q = job->q + (ptrdiff_t)row * job->q_stride + (ptrdiff_t)head * dim;
@@ -100,11 +97,7 @@ void SUFFIX(attention_combine)(const AttentionJob *job, int row, int head) {
     const int dim = job->dim, heads = job->heads;
     const int begin = job->first_slot[row], end = job->first_slot[row + 1];
     float *out = job->out + ((size_t)row * heads + head) * dim;
-    float highest = -INFINITY;
-    for (int slot = begin; slot < end; slot++) {
-        const float m = job->slot_max[(size_t)slot * heads + head];
-        highest = m > highest ? m : highest;
-    }
+    const float highest = attention_slots_max(job, row, head);
     float total = 0.0f;
     for (int i = 0; i < dim; i++) out[i] = 0.0f;
     for (int slot = begin; slot < end; slot++) {
