@@ -148,18 +148,16 @@ async def test_a_prompt_beyond_the_upstream_context_gets_one_sentence(client):
 
 
 async def test_cancelling_a_call_aborts_the_upstream_request(client, vllm):
-    # vLLM counts a request that ends by itself in request_success_total (finished_reason stop, length, ...) and one
-    # its client aborts nowhere there, so the count must not move. (Its token counter lags: a delta of it once took
-    # in 900 tokens of the tests before.)
-    await asyncio.sleep(1)  # counters of the tests before settled
-    finished_before = vllm.metric("vllm:request_success_total")
     progress = Progress()
-    # Sampled: few drafts hold, so the 4,000 tokens take vLLM 13-30 s (greedy, this model repeats itself and n-gram
-    # drafts make it so fast that the whole generation could end before the cancel arrives). The cancel reaches vLLM's
-    # engine 1.5-2 s after the first text (measured here; its API server shares the 2 cores).
+    # Sampled: few drafts hold, so the 4,000 tokens take vLLM 13-30 s here (1,800 took 6-8 s, measured; greedy, this
+    # model repeats itself and n-gram drafts make it so fast that it could end before the cancel arrives). The cancel
+    # reaches vLLM's engine 1.5-2 s after the first text. So a request no longer running a few seconds after the
+    # cancel was aborted. (vLLM's counters do not tell: its token counter lags, a delta of it once took in ~900
+    # tokens of the tests before, and request_success_total once moved for a request that was gone within 5 s.)
     sampled = {"prompt": "Once", "max_new_tokens": LONG_CALL_TOKENS, "temperature": 1.0, "seed": 1}
     call = asyncio.create_task(client.call_tool("generate", sampled, progress_handler=progress))
     await progress.first.wait()
+    assert vllm.metric("vllm:num_requests_running") == 1  # the request is live when it is cancelled
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call
@@ -168,8 +166,6 @@ async def test_cancelling_a_call_aborts_the_upstream_request(client, vllm):
             break
         await asyncio.sleep(0.1)
     assert vllm.metric("vllm:num_requests_running") == 0, vllm.log_tail()
-    await asyncio.sleep(1)
-    assert vllm.metric("vllm:request_success_total") == finished_before, "the cancelled request ran to its end"
 
 
 async def test_concurrent_calls_run_together_upstream_within_the_bound(vllm):
