@@ -113,7 +113,9 @@ def load_model(source: str | None, device: str = "auto", dtype: str = "auto", qu
         else:
             # transformers picks the attention itself: sdpa where the model supports it, else eager. On CPU fp32 sdpa
             # gives the same greedy tokens as eager (checked on Gemma 3 270M and a tiny sliding-window Gemma 3).
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+            # No hub kernels (transformers >= 5.25 turns them on by default): they would come from the network.
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True,
+                                                         use_kernels=False)
         if quantization in QUANTIZE_FORMATS:
             quantize_model(model, QUANTIZE_FORMATS[quantization])
         model.to(torch_device).eval().requires_grad_(False)

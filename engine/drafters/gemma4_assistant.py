@@ -123,7 +123,8 @@ def load_gemma4_assistant_drafter(
     assistant_config = AutoConfig.from_pretrained(path, local_files_only=True)
     _check_made_for(assistant_config, target, path.name)
     try:
-        assistant = AutoModelForCausalLM.from_pretrained(path, dtype=target.dtype, local_files_only=True)
+        assistant = AutoModelForCausalLM.from_pretrained(path, dtype=target.dtype, local_files_only=True,
+                                                         use_kernels=False)  # as engine.loading does
     except (OSError, ValueError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(f"could not load the Gemma 4 assistant '{path.name}': {reason}") from error
