@@ -87,8 +87,6 @@ def generate(
         step_started = time.perf_counter()
         # Each pass yields accepted + 1 tokens: draft at most one fewer than the request still allows.
         draft_budget = min(request.max_new_tokens - len(generated), context_length - len(tokens)) - 1
-        if not target.can_roll_back:
-            draft_budget = 0
         asked = payoff is None or payoff.should_draft()
         if asked:
             draft = drafter.propose(DraftContext(tokens, draft_budget, new_hidden, target, cancel,

@@ -7,19 +7,15 @@ that were not accepted, never anything committed.
 Hybrid models (Qwen3.5 / Qwen3.6 / Qwen3-Next: Gated DeltaNet linear attention beside full attention) keep, per
 linear layer, a convolution state (the last few inputs) and a recurrent state (a matrix folded over every token seen).
 Attention keys/values and the convolution state can be cut back token by token (`crop`, with past recording on); the
-recurrent state cannot. So `forward` snapshots the recurrent states before it feeds more than one token, and
-`rollback` of a rejection restores them and feeds the accepted tokens again.
+recurrent state only to a position whose state the cache recorded. So before a forward of n > 1 tokens (a
+verification) the cache is asked to record the state after each of them (`recurrent_states_to_keep=n`, transformers
+>= 5.25: those positions go through the one-token kernel instead of the chunked one), and `rollback` of a rejection
+is one `crop` that takes the state back; prefill chunks record none, as they are never rolled back.
 
-Which rollback is cheaper, measured on the tiny Qwen3.5 of tests/mtp_checkpoints.py (3 linear + 1 attention layer,
-CPU, 1 thread, 40-token prefix, 4 drafts, medians of 200 interleaved runs): snapshot + restore + re-run costs 11.7-13.5
-ms per step with a rejection and 8.5 ms with none; keeping per-position recurrent states costs 8.5-8.7 ms either way
-(the verify pass alone: 7.5-8.4 ms; a second run, busier machine: 16.8-20.0, 10.0, 10.5-11.6 and 9.9-10.6 ms;
-script: benchmarks/hybrid_rollback_cost.py). Per-position states are cheaper whenever a draft is rejected: the re-run is a
-second forward over the accepted tokens. They need a Gated DeltaNet kernel that returns the state after every
-position, and transformers' kernels (torch and FLA) return only the final one; the measurement patched a recording
-kernel into transformers' module, which the engine must not do to a model it does not own. Until transformers offers
-such a kernel, the engine snapshots and re-runs: exact, through the public cache API, and at no measurable cost when
-all drafts pass.
+Why per-position states (benchmarks/hybrid_rollback_cost.py, BENCHMARKS.md; CPU, 1 thread, 4 drafts): with
+Qwen3.5-0.8B's layer shapes a step costs 520-545 ms whatever was rejected, where snapshot + restore + re-run of the
+accepted tokens (what the engine did before transformers 5.25) cost 548 ms with every draft kept and 794-1,047 ms
+with a rejection.
 
 Prefix cache across requests: the caches of recent requests are kept (the live one, whose tokens `ids` lists, and
 up to MAX_KEPT_SEQUENCES parked ones, each with its own ids), and a prefill with `reuse` continues whichever shares
@@ -105,10 +101,6 @@ class TargetModel:
         # Gemma 3 with quantized weights runs its own lean pass and cache (engine/lean_gemma3.py) instead of
         # transformers' modules and DynamicCache; `cache` then stays None.
         self._lean = LeanGemma3(model) if lean_gemma3_supported(model) else None
-        # For hybrid models: the tokens of the last forward and the recurrent states from before it, one per
-        # (linear layer, state index); empty when the last forward needs no snapshot (one token, or no linear layer).
-        self._last_fed: list[int] = []
-        self._recurrent_before: list[tuple[LinearAttentionCacheLayerMixin, int, torch.Tensor]] = []
         # The linear-attention layers of `cache` (none for other models), listed once per cache.
         self._recurrent_layers: list[LinearAttentionCacheLayerMixin] = []
         self._parked: list[_ParkedSequence] = []  # least recently used first
@@ -118,13 +110,6 @@ class TargetModel:
         if self._lean is not None:
             return self._lean.length
         return self.cache.get_seq_length() if self.cache is not None else 0
-
-    @property
-    def can_roll_back(self) -> bool:
-        """Whether a forward of several tokens could be rolled back now. Not on a hybrid model before its first
-        feed (a one-token prompt: nothing to prefill), whose recurrent states only come into being with that feed
-        and so cannot be snapshotted before it; the decode loop drafts nothing for that one step."""
-        return all(all(layer.is_recurrent_states_initialized.values()) for layer in self._recurrent_layers)
 
     @torch.inference_mode()
     def prefill(self, token_ids: list[int], cancel: threading.Event | None = None, reuse: bool = False
@@ -143,6 +128,7 @@ class TargetModel:
                 self._park()
             self._start_sequence()
         fed = []
+        self._record_recurrent_states(0)  # a prefill is never rolled back
         for start in range(reused, len(token_ids), self.prefill_chunk_tokens):
             if cancel is not None and cancel.is_set():
                 return None
@@ -207,7 +193,6 @@ class TargetModel:
             self._lean.restore(state[0])
         else:
             self.cache, self._recurrent_layers = state
-        self._last_fed, self._recurrent_before = [], []
 
     def _park(self) -> None:
         """Puts the live cache aside (most recently used) and leaves none live."""
@@ -229,8 +214,8 @@ class TargetModel:
         if self._lean is None:
             self.cache = DynamicCache(config=self.model.config)
             # Sliding-window layers and convolution states must keep what they would evict until we know the drafts
-            # were accepted.
-            self.cache.activate_past_recording()
+            # were accepted; recurrent states are recorded per forward (_record_recurrent_states).
+            self.cache.activate_past_recording(recurrent_states_to_keep=0)
             self._recurrent_layers = [layer for layer in self.cache.layers
                                       if isinstance(layer, LinearAttentionCacheLayerMixin)]
 
@@ -253,7 +238,7 @@ class TargetModel:
         self.ids = []
         if self._lean is not None:
             self._lean.reset()
-        self._last_fed, self._recurrent_before, self._recurrent_layers = [], [], []
+        self._recurrent_layers = []
 
     def cache_bytes(self) -> int:
         """Memory the cache holds now (for the lean cache: what it has reserved)."""
@@ -267,7 +252,8 @@ class TargetModel:
     def forward(self, token_ids: list[int], logits_for_last: int | None = None) -> TargetOutput:
         """Appends token_ids to the cache; returns hidden states for all of them and logits for the last
         `logits_for_last` (all when None, none when 0)."""
-        self._snapshot_recurrent_states(token_ids)
+        if len(token_ids) > 1:  # a verification, of which the drafts may be rolled back (one token never is)
+            self._record_recurrent_states(len(token_ids))
         hidden = self._feed(token_ids)
         n_logits = len(token_ids) if logits_for_last is None else logits_for_last
         logits = self.logits(hidden[len(token_ids) - n_logits :]) if n_logits else None
@@ -360,20 +346,8 @@ class TargetModel:
         if self._lean is not None:
             self._lean.crop(n_tokens)
             return
-        if n_tokens == 0 or not self._recurrent_before:
-            self.cache.crop(-n_tokens)
-            return
-        # Hybrid: cut every layer back to before the last forward (attention keys/values and convolution states
-        # crop exactly), put the recurrent states back, then feed the accepted tokens again.
-        accepted = self._last_fed[: len(self._last_fed) - n_tokens]
-        del self.ids[len(self.ids) - len(accepted) :]  # _feed below appends them again
-        self.cache.crop(-len(self._last_fed))
-        for layer, state_index, before in self._recurrent_before:
-            layer.recurrent_states[state_index].copy_(before)
-        self._recurrent_before = []
-        if accepted:
-            self._feed(accepted)
-        self.cache.crop(0)
+        # Exact for every layer kind: a hybrid cache recorded the recurrent state after each token of the forward.
+        self.cache.crop(-n_tokens)
 
     def key_value_states(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Read-only view of one attention layer's cached keys and values ([1, kv_heads, n, head_dim] each), for
@@ -392,16 +366,12 @@ class TargetModel:
         input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
         return self._decoder(input_ids=input_ids, cache=self.cache, use_cache=True).last_hidden_state[0]
 
-    def _snapshot_recurrent_states(self, token_ids: list[int]) -> None:
-        """Keeps a copy of every recurrent state before a forward that may be partly rolled back. A single token
-        (plain decoding, or a step without drafts) is never rolled back, and the prefill has no state yet."""
-        self._last_fed = list(token_ids)
-        self._recurrent_before = [
-            (layer, index, layer.recurrent_states[index].clone())
-            for layer in (self._recurrent_layers if len(token_ids) > 1 else [])
-            for index, initialized in layer.is_recurrent_states_initialized.items()
-            if initialized
-        ]
+    def _record_recurrent_states(self, n_positions: int) -> None:
+        """Has a hybrid cache record, in the next forwards (until a rollback), the recurrent state after each of
+        their last n_positions tokens: what a rollback of any of them takes back. Each recorded
+        position runs through the one-token kernel instead of the chunked one."""
+        if self._recurrent_layers:
+            self.cache.activate_past_recording(recurrent_states_to_keep=n_positions)
 
 
 def _tensor_bytes(value: object) -> int:

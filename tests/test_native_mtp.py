@@ -193,12 +193,12 @@ def test_gemma4_assistant_drafts_exactly_like_transformers(loaded):
 # -- hybrid (Gated DeltaNet) rollback ---------------------------------------------------------------------------------
 
 
-def cache_states(target: TargetModel) -> list[torch.Tensor]:
+def cache_states(cache: DynamicCache) -> list[torch.Tensor]:
     """Every state the next forward reads: the convolution window and recurrent state of linear layers (a
     convolution state may hold more inputs than its window until the next forward trims it), keys/values of the
     attention layers."""
     states = []
-    for layer in target.cache.layers:
+    for layer in cache.layers:
         if isinstance(layer, LinearAttentionCacheLayerMixin):
             states += [layer.conv_states[0][..., -layer.conv_kernel_size[0] :], layer.recurrent_states[0]]
         else:
@@ -209,7 +209,7 @@ def cache_states(target: TargetModel) -> list[torch.Tensor]:
 def from_scratch_states(model, tokens: list[int]) -> list[torch.Tensor]:
     fresh = TargetModel(model)
     fresh.prefill(tokens)
-    return cache_states(fresh)
+    return cache_states(fresh.cache)
 
 
 def assert_same_states(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
@@ -229,7 +229,7 @@ def test_hybrid_rollback_restores_recurrent_conv_and_attention_state(loaded, acc
     target.forward(fed)
     target.rollback(len(fed) - 1 - accepted)
     assert target.cache_length == len(prefix) + accepted + 1
-    assert_same_states(cache_states(target), from_scratch_states(model, prefix + fed[: accepted + 1]))
+    assert_same_states(cache_states(target.cache), from_scratch_states(model, prefix + fed[: accepted + 1]))
 
 
 class PartlyWrongDrafter:
@@ -249,7 +249,7 @@ class PartlyWrongDrafter:
     def propose(self, context: DraftContext) -> Draft:
         target = context.target
         assert target.cache_length == len(context.token_ids) - 1
-        assert_same_states(cache_states(target), from_scratch_states(target.model, context.token_ids[:-1]))
+        assert_same_states(cache_states(target.cache), from_scratch_states(target.model, context.token_ids[:-1]))
         self.checked += 1
         start = len(context.token_ids) - self.prompt_len
         proposal = []
@@ -497,23 +497,21 @@ def test_native_mtp_on_int8_weights_gives_the_engine_s_own_plain_decoding(checkp
         assert drafted.stats.target_passes < plain.stats.target_passes
 
 
-def test_a_one_token_prompt_on_a_hybrid_model_drafts_nothing_until_its_recurrent_state_exists(loaded, tmp_path):
-    # Nothing to prefill: the recurrent states are born in the first step, so there is nothing to snapshot before
-    # it, and a rejected draft in it could only be cropped, leaving the rejected tokens folded into the state
-    # (checked below: the hidden state then differs by ~1e-3 from a run without them).
+def test_a_one_token_prompt_on_a_hybrid_model_drafts_from_the_first_step(loaded, tmp_path):
+    # Nothing to prefill: the recurrent states are born in the first step. The cache records the (zero) state before
+    # it too, so a rejection there is taken back exactly. (transformers < 5.25 could only crop it, which left the
+    # rejected tokens folded into the state: the hidden state then differed by ~1e-3 from a run without them.)
     target = loaded["qwen3_5"]
-    stock = TargetModel(target.model)
     with torch.inference_mode():
-        stock.prefill([])
-        assert not stock.can_roll_back
-        stock.forward([5, 6, 7], logits_for_last=0)
-        stock.rollback(2)  # what the engine did before: a crop, the recurrent state keeps 6 and 7
-        polluted = stock.forward([10], logits_for_last=0).hidden
+        rolled_back = TargetModel(target.model)
+        rolled_back.prefill([])
+        rolled_back.forward([5, 6, 7], logits_for_last=0)
+        rolled_back.rollback(2)
         clean = TargetModel(target.model)
         clean.prefill([])
         clean.forward([5], logits_for_last=0)
-        assert clean.can_roll_back
-        assert not torch.allclose(polluted, clean.forward([10], logits_for_last=0).hidden, atol=1e-5)
+        torch.testing.assert_close(rolled_back.forward([10], logits_for_last=0).hidden,
+                                   clean.forward([10], logits_for_last=0).hidden)
 
     class Recording(DraftModelDrafter):
         budgets: list[int] = []
@@ -526,5 +524,29 @@ def test_a_one_token_prompt_on_a_hybrid_model_drafts_nothing_until_its_recurrent
     drafter = Recording(draft.model, 4)
     ids = [TOKENIZER("The")["input_ids"][0]]
     result = run(target, drafter, ids, max_new_tokens=30)
-    assert drafter.budgets[0] == 0 and drafter.budgets[1] > 0  # no drafts in the step that creates the state
+    assert drafter.budgets[0] > 0  # drafts in the step that creates the state
     assert result.token_ids == reference(target.model, ids, 30)
+
+
+@pytest.mark.parametrize("chunk", [PREFILL_CHUNK_TOKENS, 5])
+def test_a_hybrid_draft_model_crops_its_recurrent_state_exactly(loaded, tmp_path, chunk):
+    # Another hybrid model drafts, so drafts are rejected and its cache is cropped at most steps: after each
+    # proposal its states must be those of a from-scratch run over the tokens it holds. (Cropped by a plain crop, its
+    # recurrent state would keep the tokens of rejected drafts.) Fed in chunks of 5, the prompt takes several forwards.
+    target = loaded["qwen3_5"]
+    draft = load_model(str(build_qwen3_5(tmp_path / "draft", seed=1)), "cpu", "float32", progress=False)
+
+    class Checked(DraftModelDrafter):
+        crops = 0
+
+        def propose(self, context):
+            self.crops += len(self._cached_ids) > len(context.token_ids) - 1
+            proposed = super().propose(context)
+            assert_same_states(cache_states(self._cache), from_scratch_states(self.model, self._cached_ids))
+            return proposed
+
+    drafter = Checked(draft.model, 4, prefill_chunk_tokens=chunk)
+    for prompt in PROMPTS:
+        ids = prompt_ids(prompt)
+        assert run(target, drafter, ids).token_ids == reference(target.model, ids, 40)
+    assert drafter.crops >= 5

@@ -31,7 +31,11 @@ class DraftModelDrafter:
     def begin(self, prompt_ids: list[int], sampling: SamplingParams, generator: torch.Generator) -> None:
         self.length.current = self.length.maximum
         self._cache = DynamicCache(config=self.model.config)
-        self._cache.activate_past_recording()
+        # Past recording keeps what `propose` may crop. A hybrid draft model's recurrent state can be cropped back
+        # only to the start of a one-token forward (whose state before it the cache records), and that is as far
+        # as `propose` crops: to the tokens now committed, of which the last feed was the start. So no positions
+        # of a longer feed need recording (recurrent_states_to_keep=0).
+        self._cache.activate_past_recording(recurrent_states_to_keep=0)
         self._cached_ids = []
         self._sampling = sampling
         self._generator = generator
