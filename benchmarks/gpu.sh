@@ -6,7 +6,7 @@
 # benchmarks/gpu.py for what is measured.
 #
 # On the lent device machine (no network, torch 2.11 and transformers 5.17 preinstalled), carry the wheels the
-# engine needs: here `pip download --no-deps -d .device-wheels transformers==5.24.0 huggingface_hub gguf
+# engine needs: here `pip download --no-deps -d .device-wheels transformers==5.25.0 huggingface_hub gguf
 # platformdirs` (.device-wheels in .git/info/exclude, named in `carry`), there
 # `pip install --no-deps --no-index --find-links .device-wheels transformers huggingface_hub gguf platformdirs`.
 # A copy of the tree (as the device machine gets) is installed here in place, without dependencies, which also

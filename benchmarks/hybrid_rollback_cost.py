@@ -1,8 +1,15 @@
-"""Run from the repository root: OMP_NUM_THREADS=1 python benchmarks/hybrid_rollback_cost.py
+"""Run from the repository root: OMP_NUM_THREADS=1 python -m mtp_mcp.benchmarks.hybrid_rollback_cost [--shape 0.8b]
 
-Which hybrid rollback is cheaper on the tiny Qwen3.5: snapshot + restore + re-run (engine.target) vs per-position
-recurrent states (a recording recurrent kernel patched in for this measurement only). Importing this module does
-nothing: the set-up (tests/ on sys.path, one thread, the patched kernel) happens in main()."""
+What a verification step costs on a hybrid (Qwen3.5) target, by how many of 4 drafts were accepted, for two exact
+rollbacks of the recurrent state:
+- per-position states (engine.target as shipped): the cache records the state after each verified position (the
+  one-token kernel runs those positions) and a rejection is one crop;
+- snapshot + restore + re-run (what the engine did before transformers 5.25 could record them): the state from
+  before the chunked verify pass is kept, and a rejection restores it and feeds the accepted tokens again.
+Both are checked to leave the same states. --shape tiny is tests/mtp_checkpoints.py's model (3 linear + 1 attention
+layer); --shape 0.8b has Qwen3.5-0.8B's layer shapes (random weights, a small vocabulary). Importing this module does
+nothing: the set-up (tests/ on sys.path, one thread) happens in main()."""
+import argparse
 import pathlib
 import random
 import statistics
@@ -12,100 +19,110 @@ import time
 
 import torch
 
+FED = [50, 51, 52, 53, 54]  # the last committed token + 4 drafts
+PREFIX = list(range(3, 43))
+
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", choices=("tiny", "0.8b"), default="tiny")
+    parser.add_argument("--reps", type=int, default=None, help="interleaved runs per case (tiny 200, 0.8b 20)")
+    args = parser.parse_args()
     sys.path.insert(0, "tests")  # run from the repository root
     torch.set_num_threads(1)
-    import transformers.models.qwen3_5.modeling_qwen3_5 as q35
-    from mtp_checkpoints import build_qwen3_5
     from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
-    from mtp_mcp.engine.loading import load_model
     from mtp_mcp.engine.target import TargetModel
 
-    lm = load_model(str(build_qwen3_5(pathlib.Path(tempfile.mkdtemp()) / "q")), "cpu", "float32", progress=False)
-    model = lm.model
-    prefix = list(range(3, 43))
-    fed = [50, 51, 52, 53, 54]  # last committed token + 4 drafts
-    REPS = 200
+    model = _model(args.shape)
+    reps = args.reps or (200 if args.shape == "tiny" else 20)
 
-    def fresh():
-        t = TargetModel(model); t.prefill(prefix); return t
+    def fresh() -> TargetModel:
+        target = TargetModel(model)
+        target.prefill(PREFIX)
+        return target
 
-    # A: engine.target as shipped.
-    def a_step(accepted):
-        def prepare():
-            t = fresh()
-            def step():
-                t.forward(fed); t.rollback(len(fed) - 1 - accepted)
-            return step
-        return prepare
+    def per_position(accepted):
+        target = fresh()
+        return target, lambda: (target.forward(FED, logits_for_last=0), target.rollback(len(FED) - 1 - accepted))
 
-    # B: per-position states. The verify pass runs a recurrent kernel that records the state after every position.
-    recorded = []
-    chunked = q35.torch_chunk_gated_delta_rule
-    def recording_kernel(query, key, value, g, beta, initial_state=None, output_final_state=False, use_qk_l2norm_in_kernel=False, **kw):
-        if initial_state is None:  # prefill: unchanged
-            return chunked(query, key, value, g=g, beta=beta, initial_state=initial_state, output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **kw)
-        states = []
-        out = []
-        state = initial_state
-        for i in range(query.shape[1]):
-            o, state = q35.torch_recurrent_gated_delta_rule(query[:, i:i+1], key[:, i:i+1], value[:, i:i+1], g=g[:, i:i+1], beta=beta[:, i:i+1], initial_state=state, output_final_state=True, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
-            states.append(state); out.append(o)
-        recorded.append(states)
-        return torch.cat(out, dim=1), state
+    def snapshot_rerun(accepted):
+        target = fresh()
+        linear = [layer for layer in target.cache.layers if isinstance(layer, LinearAttentionCacheLayerMixin)]
 
-    def b_step(accepted):
-        def prepare():
-            t = fresh()
-            def step():
-                recorded.clear()
-                q35.torch_chunk_gated_delta_rule = recording_kernel
-                try:
-                    with torch.inference_mode():
-                        t._feed(fed)
-                finally:
-                    q35.torch_chunk_gated_delta_rule = chunked
-                rejected = len(fed) - 1 - accepted
-                if rejected:
-                    with torch.inference_mode():
-                        t.cache.crop(-rejected)
-                        linear = [l for l in t.cache.layers if isinstance(l, LinearAttentionCacheLayerMixin)]
-                        for layer, states in zip(linear, recorded):
-                            layer.recurrent_states[0].copy_(states[accepted])
-                else:
-                    with torch.inference_mode():
-                        t.cache.crop(0)
-            return step
-        return prepare
+        @torch.inference_mode()
+        def step():
+            # With none to keep, the chunked kernel runs every position and the cache keeps one state: the one from
+            # before the forward, the snapshot. Repeated n times, a crop of n tokens takes it back.
+            target.cache.activate_past_recording(recurrent_states_to_keep=0)
+            target._feed(FED)
+            if accepted < len(FED) - 1:
+                for layer in linear:
+                    layer.recurrent_states_history[0] = layer.recurrent_states_history[0] * len(FED)
+                target.cache.crop(-len(FED))
+                del target.ids[-len(FED):]
+                target._feed(FED[: accepted + 1])
+            target.cache.crop(0)
+        return target, step
 
-    def states(t):
-        out = []
-        for l in t.cache.layers:
-            if isinstance(l, LinearAttentionCacheLayerMixin): out += [l.conv_states[0][..., -4:], l.recurrent_states[0]]
-            else: out += [l.keys, l.values]
-        return out
-    # B is exact too: same states as A after each outcome
-    for accepted in (0, 2, 4):
-        a = fresh(); a.forward(fed); a.rollback(len(fed) - 1 - accepted)
-        step = b_step(accepted)(); step()
-        tb = [c.cell_contents for c in step.__closure__ if isinstance(c.cell_contents, TargetModel)][0]
-        assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(states(a), states(tb))), accepted
+    def verify_only(accepted):
+        target = fresh()
+        return target, lambda: target.forward(FED, logits_for_last=0)
 
-    def one(prepare):
-        step = prepare(); t0 = time.perf_counter(); step(); return time.perf_counter() - t0
-    kinds = {"verify only": lambda acc: (lambda: (lambda t: (lambda: t.forward(fed)))(fresh())), "A": a_step, "B": b_step}
-    results = {(k, acc): [] for k in kinds for acc in range(5)}
-    for rep in range(REPS):
-        order = [(k, acc) for k in kinds for acc in range(5)]
+    for accepted in range(len(FED)):
+        (a, step_a), (b, step_b) = per_position(accepted), snapshot_rerun(accepted)
+        step_a(), step_b()
+        for x, y in zip(_states(a.cache), _states(b.cache)):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+
+    kinds = {"per-position": per_position, "snapshot": snapshot_rerun, "verify only": verify_only}
+    results = {(kind, accepted): [] for kind in kinds for accepted in range(len(FED))}
+    for _ in range(reps):
+        order = list(results)
         random.shuffle(order)
-        for k, acc in order:
-            results[(k, acc)].append(one(kinds[k](acc)))
-    print("accepted of 4 | A: snapshot + restore + re-run (ms) | B: per-position states (ms) | verify pass alone, chunked kernel (ms)")
-    for acc in range(5):
-        med = {k: statistics.median(results[(k, acc)]) * 1e3 for k in kinds}
-        print(f"{acc} | {med['A']:.2f} | {med['B']:.2f} | {med['verify only']:.2f}")
+        for kind, accepted in order:
+            _, step = kinds[kind](accepted)
+            started = time.perf_counter()
+            step()
+            results[(kind, accepted)].append(time.perf_counter() - started)
+    print(f"shape {args.shape}, 1 thread, {len(PREFIX)}-token prefix, medians of {reps} interleaved runs (ms)")
+    print("accepted of 4 | per-position states + crop | snapshot + restore + re-run | verify pass alone (per-position)")
+    for accepted in range(len(FED)):
+        medians = [statistics.median(results[(kind, accepted)]) * 1e3 for kind in kinds]
+        print(f"{accepted} | " + " | ".join(f"{m:.2f}" for m in medians))
+
+
+def _model(shape: str):
+    from mtp_checkpoints import build_qwen3_5
+
+    from mtp_mcp.engine.loading import load_model
+
+    if shape == "tiny":
+        return load_model(str(build_qwen3_5(pathlib.Path(tempfile.mkdtemp()) / "q")), "cpu", "float32",
+                          progress=False).model
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    # Qwen3.5-0.8B's published text config, with a vocabulary of 1,000 (the output layer is not what is measured).
+    config = Qwen3_5TextConfig(
+        vocab_size=1000, hidden_size=1024, intermediate_size=3584, num_hidden_layers=24, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=256, linear_key_head_dim=128, linear_value_head_dim=128,
+        linear_num_key_heads=16, linear_num_value_heads=16, linear_conv_kernel_dim=4,
+        layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"] * 6,
+    )
+    torch.manual_seed(0)
+    return Qwen3_5ForCausalLM(config).eval()
+
+
+def _states(cache) -> list[torch.Tensor]:
+    from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+    states = []
+    for layer in cache.layers:
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            states += [layer.conv_states[0][..., -layer.conv_kernel_size[0] :], layer.recurrent_states[0]]
+        else:
+            states += [layer.keys, layer.values]
+    return states
 
 
 if __name__ == "__main__":
