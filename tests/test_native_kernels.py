@@ -85,13 +85,19 @@ def test_each_format_computes_its_dequantized_weights_times_the_quantized_activa
         assert np.abs(got.numpy() - exact).max() <= 1e-6 * scale.max(), name
 
 
+@pytest.mark.parametrize("rows", [3, 6, 21], ids=lambda rows: f"{rows}-rows")
 @pytest.mark.parametrize("kind", LEGACY + K_QUANTS, ids=lambda kind: kind.name)
-def test_every_instruction_set_gives_the_same_bits(kind):
-    weight = random_blocks(kind, 24, 768, seed=1)
-    x = torch.randn(6, 768)
-    results = outputs_by_instruction_set(x, [weight])
-    for name, got in results.items():
-        assert torch.equal(got, results["scalar"]), name
+def test_every_instruction_set_gives_the_same_bits(kind, rows):
+    # AVX-512 VNNI's wide path (two row blocks per register, 8 activation rows a tile) takes the legacy formats from
+    # 5 rows, the K-quants from 16 (21: 8 + 8 + 5 rows). 20 weight rows: on 1 thread a pair of row blocks and a
+    # partial one, on 2 threads 2 blocks and 1.
+    weight = random_blocks(kind, 20, 768, seed=1)
+    x = torch.randn(rows, 768) * torch.logspace(-2, 2, rows)[:, None]
+    for threads in (1, 2):
+        native_ops.set_threads(threads)
+        results = outputs_by_instruction_set(x, [weight])
+        for name, got in results.items():
+            assert torch.equal(got, results["scalar"]), (name, threads)
 
 
 @pytest.mark.parametrize("kind", (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q4_K,
