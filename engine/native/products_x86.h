@@ -10,8 +10,19 @@
  * the rows' scales come as one vector. A row block is computed against up to TILE_ROWS activation rows at a time
  * (its record read once for all of them); the format and the tile size are compile-time constants in each
  * instance of block_tile.
+ *
+ * Unpacked products, for many activation rows (a long verification, a prefill chunk): block_tile unpacks a row
+ * block's values again for every tile of activation rows, and at 256 rows spends as many instructions on that as
+ * on the dots. So from UNPACKED_MIN_ROWS(type) rows the values of UNPACKED_BLOCKS row blocks (one per 8 lanes of
+ * the instance's vectors) are unpacked once into a buffer and every tile of UNPACKED_TILE rows reads them there.
+ * The same floats lane for lane as block_tile (the integer sums are exact, and each lane's dw * dx, fma and
+ * minimum term are block_tile's), so a row's output is the same bits whichever path computed it. The instance
+ * defines UNPACKED_BLOCKS, UNPACKED_TILE, UNPACKED_COVERS(type), UNPACKED_MIN_ROWS(type), its vector types VI
+ * (int32) and VF (float) and their operations (VI_LOAD, VI_ZERO, VI_SET1, VI_SUB, VI_DOT, VF_ZERO, VF_LOAD,
+ * VF_SET1, VF_CVT, VF_MUL, VF_FMADD, VF_STORE_FIRST(out, v, n): the first n lanes).
  */
 #include <immintrin.h>
+#include <stdlib.h>
 
 #include "blocks.h"
 #include "native.h"
@@ -33,6 +44,17 @@ INLINE __m256i SUFFIX(fifth_bits)(uint32_t bits) {
     __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), spread);
     bytes = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
     return _mm256_and_si256(bytes, _mm256_set1_epi8(16));
+}
+
+/* The first n (1-8) lanes of v to out. */
+INLINE void SUFFIX(store_first_lanes)(float *out, const __m256 v, const int n) {
+    if (n == ROW_BLOCK) {
+        _mm256_storeu_ps(out, v);
+    } else {
+        float lanes[ROW_BLOCK];
+        _mm256_storeu_ps(lanes, v);
+        memcpy(out, lanes, sizeof(float) * (size_t)n);
+    }
 }
 
 INLINE __m256 SUFFIX(halves)(const uint8_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
@@ -133,14 +155,7 @@ INLINE void SUFFIX(block_tile)(const Activations *a, const Product *p, const uin
     }
     const int valid = p->rows - rb * ROW_BLOCK < ROW_BLOCK ? p->rows - rb * ROW_BLOCK : ROW_BLOCK;
     for (int r = 0; r < tile; r++) {
-        float *out = p->out + (ptrdiff_t)(r0 + r) * p->out_stride + (ptrdiff_t)rb * ROW_BLOCK;
-        if (valid == ROW_BLOCK) {
-            _mm256_storeu_ps(out, acc[r]);
-        } else {
-            float lanes_out[ROW_BLOCK];
-            _mm256_storeu_ps(lanes_out, acc[r]);
-            memcpy(out, lanes_out, sizeof(float) * (size_t)valid);
-        }
+        SUFFIX(store_first_lanes)(p->out + (ptrdiff_t)(r0 + r) * p->out_stride + (ptrdiff_t)rb * ROW_BLOCK, acc[r], valid);
     }
 }
 
@@ -160,7 +175,8 @@ INLINE void SUFFIX(blocks_of_type)(const Activations *a, const Product *p, const
     }
 }
 
-void SUFFIX(product_blocks)(const Activations *a, const Product *p, int k, int block_begin, int block_end) {
+static void SUFFIX(narrow_product_blocks)(const Activations *a, const Product *p, int k, int block_begin,
+                                         int block_end) {
     switch (p->type) {
     case 2: SUFFIX(blocks_of_type)(a, p, k, block_begin, block_end, 2); break;
     case 3: SUFFIX(blocks_of_type)(a, p, k, block_begin, block_end, 3); break;
@@ -171,4 +187,138 @@ void SUFFIX(product_blocks)(const Activations *a, const Product *p, int k, int b
     case 13: SUFFIX(blocks_of_type)(a, p, k, block_begin, block_end, 13); break;
     case 14: SUFFIX(blocks_of_type)(a, p, k, block_begin, block_end, 14); break;
     }
+}
+
+/* One group of 32 columns of UNPACKED_BLOCKS row blocks, unpacked: lanes 0-7 the first block's rows, 8-15 the
+ * second's. */
+typedef struct {
+    uint8_t values[8][32 * UNPACKED_BLOCKS]; /* chunk c: rows x 4 unsigned values (Q8_0: w + 128) */
+    float dw[8 * UNPACKED_BLOCKS], mw[8 * UNPACKED_BLOCKS];
+} UnpackedGroup;
+
+/* Row block `record` into half `half` of every group, walking the record as block_tile does. */
+INLINE void SUFFIX(unpack_block)(const uint8_t *record, const int groups, const int type, UnpackedGroup *wide, const int half) {
+    const Layout layout = layout_of(type);
+    __m256 super_d = _mm256_setzero_ps(), super_m = _mm256_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        __m256 dw, mw = _mm256_setzero_ps();
+        if (layout.scales == SCALES_LEGACY) {
+            dw = SUFFIX(halves)(record);
+            record += 16;
+            if (layout.has_min) {
+                mw = SUFFIX(halves)(record);
+                record += 16;
+            }
+        } else { /* SCALES_K */
+            if ((g & 7) == 0) {
+                super_d = SUFFIX(halves)(record);
+                super_m = SUFFIX(halves)(record + 16);
+                record += 32;
+            }
+            dw = _mm256_mul_ps(super_d, SUFFIX(bytes_as_floats)(record));
+            mw = _mm256_xor_ps(_mm256_mul_ps(super_m, SUFFIX(bytes_as_floats)(record + 8)),
+                               _mm256_set1_ps(-0.0f));
+            record += 16;
+        }
+        for (int c = 0; c < 8; c++) {
+            __m256i w;
+            if (layout.width == 8) {
+                w = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(record + 32 * c)), _mm256_set1_epi8((char)0x80));
+            } else {
+                const __m256i packed = _mm256_loadu_si256((const __m256i *)(record + 32 * (c >> 1)));
+                w = _mm256_and_si256((c & 1) ? _mm256_srli_epi16(packed, 4) : packed, _mm256_set1_epi8(15));
+                if (layout.width == 5) w = _mm256_or_si256(w, SUFFIX(fifth_bits)(read_u32(record + 128 + 4 * c)));
+            }
+            _mm256_storeu_si256((__m256i *)(wide[g].values[c] + 32 * half), w);
+        }
+        _mm256_storeu_ps(wide[g].dw + 8 * half, dw);
+        _mm256_storeu_ps(wide[g].mw + 8 * half, mw);
+        record += value_bytes(layout.width);
+    }
+}
+
+/* The unpacked groups against activation rows r0 .. r0 + tile - 1; lanes outside `lanes` are not stored. */
+INLINE void SUFFIX(unpacked_tile)(const Activations *a, const Product *p, const UnpackedGroup *wide, const int groups, const int rb,
+                               const int r0, const int tile, const int type, const int lanes) {
+    const Layout layout = layout_of(type);
+    const int offset = type == TYPE_Q8_0 ? 128 : layout.offset;
+    const int k = groups * GROUP;
+    VF acc[UNPACKED_TILE];
+    for (int r = 0; r < tile; r++) acc[r] = VF_ZERO();
+    for (int g = 0; g < groups; g++) {
+        VI sums[UNPACKED_TILE];
+        for (int r = 0; r < tile; r++) sums[r] = VI_ZERO();
+        for (int c = 0; c < 8; c++) {
+            const VI w = VI_LOAD(wide[g].values[c]);
+            for (int r = 0; r < tile; r++) {
+                const uint8_t *x = (const uint8_t *)a->q + (size_t)(r0 + r) * k + (size_t)g * GROUP + 4 * c;
+                sums[r] = VI_DOT(sums[r], w, VI_SET1((int)read_u32(x)));
+            }
+        }
+        const VF dw = VF_LOAD(wide[g].dw), mw = VF_LOAD(wide[g].mw);
+        for (int r = 0; r < tile; r++) {
+            const size_t at = (size_t)(r0 + r) * groups + g;
+            VI sum = sums[r];
+            if (offset) sum = VI_SUB(sum, VI_SET1(offset * a->sums[at]));
+            acc[r] = VF_FMADD(VF_CVT(sum), VF_MUL(dw, VF_SET1(a->d[at])), acc[r]);
+            if (layout.has_min) acc[r] = VF_FMADD(mw, VF_SET1(a->dsum[at]), acc[r]);
+        }
+    }
+    for (int r = 0; r < tile; r++)
+        VF_STORE_FIRST(p->out + (ptrdiff_t)(r0 + r) * p->out_stride + (ptrdiff_t)rb * ROW_BLOCK, acc[r], lanes);
+}
+
+INLINE void SUFFIX(unpacked_blocks_of_type)(const Activations *a, const Product *p, const int k, const int block_begin,
+                                const int block_end, const int type, UnpackedGroup *wide) {
+    const int groups = k / GROUP;
+    const size_t stride = row_block_bytes(layout_of(type), groups);
+    for (int rb = block_begin; rb < block_end; rb += UNPACKED_BLOCKS) {
+        const int pair = UNPACKED_BLOCKS == 2 && rb + 1 < block_end;
+        SUFFIX(unpack_block)(p->blocks + (size_t)rb * stride, groups, type, wide, 0);
+        if (pair) {
+            SUFFIX(unpack_block)(p->blocks + (size_t)(rb + 1) * stride, groups, type, wide, 1);
+        } else if (UNPACKED_BLOCKS == 2) {
+            for (int g = 0; g < groups; g++) { /* lanes 8-15 computed but not stored */
+                for (int c = 0; c < 8; c++) memset(wide[g].values[c] + 32, 0, 32);
+                memset(wide[g].dw + 8, 0, 32);
+                memset(wide[g].mw + 8, 0, 32);
+            }
+        }
+        /* Only a weight's last row block can be partial. */
+        const int rows = p->rows - rb * ROW_BLOCK, lanes = rows < (pair + 1) * ROW_BLOCK ? rows : (pair + 1) * ROW_BLOCK;
+        for (int r0 = 0; r0 < a->rows; r0 += UNPACKED_TILE) {
+            switch (a->rows - r0 < UNPACKED_TILE ? a->rows - r0 : UNPACKED_TILE) {
+#if UNPACKED_TILE == 8
+            case 8: SUFFIX(unpacked_tile)(a, p, wide, groups, rb, r0, 8, type, lanes); break;
+            case 7: SUFFIX(unpacked_tile)(a, p, wide, groups, rb, r0, 7, type, lanes); break;
+            case 6: SUFFIX(unpacked_tile)(a, p, wide, groups, rb, r0, 6, type, lanes); break;
+            case 5: SUFFIX(unpacked_tile)(a, p, wide, groups, rb, r0, 5, type, lanes); break;
+#endif
+            case 4: SUFFIX(unpacked_tile)(a, p, wide, groups, rb, r0, 4, type, lanes); break;
+            case 3: SUFFIX(unpacked_tile)(a, p, wide, groups, rb, r0, 3, type, lanes); break;
+            case 2: SUFFIX(unpacked_tile)(a, p, wide, groups, rb, r0, 2, type, lanes); break;
+            default: SUFFIX(unpacked_tile)(a, p, wide, groups, rb, r0, 1, type, lanes); break;
+            }
+        }
+    }
+}
+
+void SUFFIX(product_blocks)(const Activations *a, const Product *p, int k, int block_begin, int block_end) {
+    UnpackedGroup *wide = NULL;
+    if (UNPACKED_COVERS(p->type) && a->rows >= UNPACKED_MIN_ROWS(p->type))
+        wide = aligned_alloc(64, sizeof(UnpackedGroup) * (size_t)(k / GROUP)); /* a multiple of 64 bytes */
+    if (wide == NULL) { /* few rows, a format left to block_tile, or no memory for the unpacked values */
+        SUFFIX(narrow_product_blocks)(a, p, k, block_begin, block_end);
+        return;
+    }
+    switch (p->type) {
+    case TYPE_Q4_0: SUFFIX(unpacked_blocks_of_type)(a, p, k, block_begin, block_end, TYPE_Q4_0, wide); break;
+    case TYPE_Q4_1: SUFFIX(unpacked_blocks_of_type)(a, p, k, block_begin, block_end, TYPE_Q4_1, wide); break;
+    case TYPE_Q5_0: SUFFIX(unpacked_blocks_of_type)(a, p, k, block_begin, block_end, TYPE_Q5_0, wide); break;
+    case TYPE_Q5_1: SUFFIX(unpacked_blocks_of_type)(a, p, k, block_begin, block_end, TYPE_Q5_1, wide); break;
+    case TYPE_Q8_0: SUFFIX(unpacked_blocks_of_type)(a, p, k, block_begin, block_end, TYPE_Q8_0, wide); break;
+    case TYPE_Q4_K: SUFFIX(unpacked_blocks_of_type)(a, p, k, block_begin, block_end, TYPE_Q4_K, wide); break;
+    case TYPE_Q5_K: SUFFIX(unpacked_blocks_of_type)(a, p, k, block_begin, block_end, TYPE_Q5_K, wide); break;
+    }
+    free(wide);
 }
