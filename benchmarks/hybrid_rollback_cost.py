@@ -30,6 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, "tests")  # run from the repository root
     torch.set_num_threads(1)
+    from mtp_checkpoints import cache_states
     from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
     from mtp_mcp.engine.target import TargetModel
@@ -72,7 +73,7 @@ def main() -> None:
     for accepted in range(len(FED)):
         (a, step_a), (b, step_b) = per_position(accepted), snapshot_rerun(accepted)
         step_a(), step_b()
-        for x, y in zip(_states(a.cache), _states(b.cache)):
+        for x, y in zip(cache_states(a.cache), cache_states(b.cache)):
             torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
 
     kinds = {"per-position": per_position, "snapshot": snapshot_rerun, "verify only": verify_only}
@@ -111,18 +112,6 @@ def _model(shape: str):
     )
     torch.manual_seed(0)
     return Qwen3_5ForCausalLM(config).eval()
-
-
-def _states(cache) -> list[torch.Tensor]:
-    from transformers.cache_utils import LinearAttentionCacheLayerMixin
-
-    states = []
-    for layer in cache.layers:
-        if isinstance(layer, LinearAttentionCacheLayerMixin):
-            states += [layer.conv_states[0][..., -layer.conv_kernel_size[0] :], layer.recurrent_states[0]]
-        else:
-            states += [layer.keys, layer.values]
-    return states
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from transformers import (
     Qwen3_5Config,
     Qwen3_5ForConditionalGeneration,
 )
+from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
 HIDDEN = 32
 SPECIAL_IDS = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}
@@ -219,3 +220,16 @@ def _edit_config(path: Path, section: str | None = None, drop: tuple[str, ...] =
         edited.pop(key, None)
     edited.update(values)
     config_file.write_text(json.dumps(config, indent=2))
+
+
+def cache_states(cache) -> list[torch.Tensor]:
+    """Every state of a cache that the next forward reads: the convolution window and recurrent state of linear
+    layers (a convolution state may hold more inputs than its window until the next forward trims it), keys/values
+    of the attention layers. Two caches that hold the same tokens exactly have the same states."""
+    states = []
+    for layer in cache.layers:
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            states += [layer.conv_states[0][..., -layer.conv_kernel_size[0] :], layer.recurrent_states[0]]
+        else:
+            states += [layer.keys, layer.values]
+    return states

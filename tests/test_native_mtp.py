@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from mtp_checkpoints import build_deepseek_v3, build_gemma4, build_qwen3_5
+from mtp_checkpoints import build_deepseek_v3, build_gemma4, build_qwen3_5, cache_states
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny_checkpoints import build_tiny_checkpoint
 from tiny_models import CONTEXT, VOCAB, train_tiny_tokenizer
 from transformers import DynamicCache, GenerationConfig
-from transformers.cache_utils import LinearAttentionCacheLayerMixin
 from transformers.generation.candidate_generator import SinglePositionMultiTokenCandidateGenerator
 
 from mtp_mcp.engine.cpu_kernels import use_cpu_kernels
@@ -191,19 +190,6 @@ def test_gemma4_assistant_drafts_exactly_like_transformers(loaded):
 
 
 # -- hybrid (Gated DeltaNet) rollback ---------------------------------------------------------------------------------
-
-
-def cache_states(cache: DynamicCache) -> list[torch.Tensor]:
-    """Every state the next forward reads: the convolution window and recurrent state of linear layers (a
-    convolution state may hold more inputs than its window until the next forward trims it), keys/values of the
-    attention layers."""
-    states = []
-    for layer in cache.layers:
-        if isinstance(layer, LinearAttentionCacheLayerMixin):
-            states += [layer.conv_states[0][..., -layer.conv_kernel_size[0] :], layer.recurrent_states[0]]
-        else:
-            states += [layer.keys, layer.values]
-    return states
 
 
 def from_scratch_states(model, tokens: list[int]) -> list[torch.Tensor]:

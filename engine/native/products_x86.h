@@ -63,6 +63,56 @@ INLINE __m256 SUFFIX(bytes_as_floats)(const uint8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
 
+/* Group g's scales, read from *record, which is moved past them: dw and mw (blocks.h), and Q6_K's half scales.
+ * super_d and super_m carry a K-quant super-block's scales from its first group to the next seven. */
+typedef struct {
+    __m256 dw, mw;
+    __m256i half_a, half_b;
+} GroupScales;
+
+INLINE GroupScales SUFFIX(group_scales)(const Layout layout, const int g, const uint8_t **record, __m256 *super_d,
+                                        __m256 *super_m) {
+    GroupScales scales = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+    const uint8_t *at = *record;
+    if (layout.scales == SCALES_LEGACY) {
+        scales.dw = SUFFIX(halves)(at);
+        at += 16;
+        if (layout.has_min) {
+            scales.mw = SUFFIX(halves)(at);
+            at += 16;
+        }
+    } else {
+        if ((g & 7) == 0) {
+            *super_d = SUFFIX(halves)(at);
+            at += 16;
+            if (layout.scales == SCALES_K) {
+                *super_m = SUFFIX(halves)(at);
+                at += 16;
+            }
+        }
+        if (layout.scales == SCALES_K) {
+            scales.dw = _mm256_mul_ps(*super_d, SUFFIX(bytes_as_floats)(at));
+            scales.mw = _mm256_xor_ps(_mm256_mul_ps(*super_m, SUFFIX(bytes_as_floats)(at + 8)), _mm256_set1_ps(-0.0f));
+        } else {
+            scales.dw = *super_d;
+            scales.half_a = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)at));
+            scales.half_b = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(at + 8)));
+        }
+        at += 16;
+    }
+    *record = at;
+    return scales;
+}
+
+/* Chunk c of a group's values (at `values`) for the 8 rows: byte 4r + e = row r's value at column 4c + e, as the
+ * file stores it (4- and 5-bit: unsigned; 8-bit: signed). */
+INLINE __m256i SUFFIX(chunk_values)(const Layout layout, const uint8_t *values, const int c) {
+    if (layout.width == 8) return _mm256_loadu_si256((const __m256i *)(values + 32 * c));
+    const __m256i packed = _mm256_loadu_si256((const __m256i *)(values + 32 * (c >> 1)));
+    const __m256i w = _mm256_and_si256((c & 1) ? _mm256_srli_epi16(packed, 4) : packed, _mm256_set1_epi8(15));
+    return layout.width == 5 ? _mm256_or_si256(w, SUFFIX(fifth_bits)(read_u32(values + 128 + 4 * c))) : w;
+}
+
 /* Row block rb against activation rows r0 .. r0 + tile - 1. */
 INLINE void SUFFIX(block_tile)(const Activations *a, const Product *p, const uint8_t *record, const int k,
                                const int rb, const int r0, const int tile, const int type) {
@@ -84,34 +134,7 @@ INLINE void SUFFIX(block_tile)(const Activations *a, const Product *p, const uin
     }
     __m256 super_d = _mm256_setzero_ps(), super_m = _mm256_setzero_ps();
     for (int g = 0; g < groups; g++) {
-        __m256 dw, mw = _mm256_setzero_ps();
-        __m256i half_a = _mm256_setzero_si256(), half_b = half_a;
-        if (layout.scales == SCALES_LEGACY) {
-            dw = SUFFIX(halves)(record);
-            record += 16;
-            if (layout.has_min) {
-                mw = SUFFIX(halves)(record);
-                record += 16;
-            }
-        } else {
-            if ((g & 7) == 0) {
-                super_d = SUFFIX(halves)(record);
-                record += 16;
-                if (layout.scales == SCALES_K) {
-                    super_m = SUFFIX(halves)(record);
-                    record += 16;
-                }
-            }
-            if (layout.scales == SCALES_K) {
-                dw = _mm256_mul_ps(super_d, SUFFIX(bytes_as_floats)(record));
-                mw = _mm256_xor_ps(_mm256_mul_ps(super_m, SUFFIX(bytes_as_floats)(record + 8)), _mm256_set1_ps(-0.0f));
-            } else {
-                dw = super_d;
-                half_a = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)record));
-                half_b = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(record + 8)));
-            }
-            record += 16;
-        }
+        const GroupScales scales = SUFFIX(group_scales)(layout, g, &record, &super_d, &super_m);
         /* Below 4 rows, two integer sums per row (even and odd chunks), so that a row's dots do not wait on each
          * other; from 4 rows the rows' own sums are chains enough, and a second set would not fit AVX2's 16
          * registers (measured: 256 rows 9.2-10.9 -> 6.3-7.9 ms on AVX2, no change with VNNI). Integer addition is
@@ -119,14 +142,7 @@ INLINE void SUFFIX(block_tile)(const Activations *a, const Product *p, const uin
         __m256i lanes[TILE_ROWS], odd[TILE_ROWS], first_half[TILE_ROWS];
         for (int r = 0; r < tile; r++) lanes[r] = odd[r] = _mm256_setzero_si256();
         for (int c = 0; c < 8; c++) {
-            __m256i w;
-            if (layout.width == 8) {
-                w = _mm256_loadu_si256((const __m256i *)(record + 32 * c));
-            } else {
-                const __m256i packed = _mm256_loadu_si256((const __m256i *)(record + 32 * (c >> 1)));
-                w = _mm256_and_si256((c & 1) ? _mm256_srli_epi16(packed, 4) : packed, _mm256_set1_epi8(15));
-                if (layout.width == 5) w = _mm256_or_si256(w, SUFFIX(fifth_bits)(read_u32(record + 128 + 4 * c)));
-            }
+            const __m256i w = SUFFIX(chunk_values)(layout, record, c);
             const int sign_onto_x = layout.width == 8 && !unsigned_q8_0;
             const __m256i magnitude = unsigned_q8_0 ? _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80))
                                       : sign_onto_x ? _mm256_abs_epi8(w) : w;
@@ -138,7 +154,7 @@ INLINE void SUFFIX(block_tile)(const Activations *a, const Product *p, const uin
             }
             if (layout.scales == SCALES_Q6K && c == 3) {
                 for (int r = 0; r < tile; r++) {
-                    first_half[r] = _mm256_mullo_epi32(_mm256_add_epi32(lanes[r], odd[r]), half_a);
+                    first_half[r] = _mm256_mullo_epi32(_mm256_add_epi32(lanes[r], odd[r]), scales.half_a);
                     lanes[r] = odd[r] = _mm256_setzero_si256();
                 }
             }
@@ -147,10 +163,10 @@ INLINE void SUFFIX(block_tile)(const Activations *a, const Product *p, const uin
         record += value_bytes(layout.width);
         for (int r = 0; r < tile; r++) {
             __m256i sum = lanes[r];
-            if (layout.scales == SCALES_Q6K) sum = _mm256_add_epi32(first_half[r], _mm256_mullo_epi32(sum, half_b));
+            if (layout.scales == SCALES_Q6K) sum = _mm256_add_epi32(first_half[r], _mm256_mullo_epi32(sum, scales.half_b));
             if (offset) sum = _mm256_sub_epi32(sum, _mm256_set1_epi32(offset * xsum[r][g]));
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(dw, _mm256_set1_ps(xd[r][g])), acc[r]);
-            if (layout.has_min) acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xdsum[r][g]), acc[r]);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(scales.dw, _mm256_set1_ps(xd[r][g])), acc[r]);
+            if (layout.has_min) acc[r] = _mm256_fmadd_ps(scales.mw, _mm256_set1_ps(xdsum[r][g]), acc[r]);
         }
     }
     const int valid = p->rows - rb * ROW_BLOCK < ROW_BLOCK ? p->rows - rb * ROW_BLOCK : ROW_BLOCK;
@@ -196,43 +212,19 @@ typedef struct {
     float dw[8 * UNPACKED_BLOCKS], mw[8 * UNPACKED_BLOCKS];
 } UnpackedGroup;
 
-/* Row block `record` into half `half` of every group, walking the record as block_tile does. */
+/* Row block `record` into half `half` of every group. */
 INLINE void SUFFIX(unpack_block)(const uint8_t *record, const int groups, const int type, UnpackedGroup *wide, const int half) {
     const Layout layout = layout_of(type);
     __m256 super_d = _mm256_setzero_ps(), super_m = _mm256_setzero_ps();
     for (int g = 0; g < groups; g++) {
-        __m256 dw, mw = _mm256_setzero_ps();
-        if (layout.scales == SCALES_LEGACY) {
-            dw = SUFFIX(halves)(record);
-            record += 16;
-            if (layout.has_min) {
-                mw = SUFFIX(halves)(record);
-                record += 16;
-            }
-        } else { /* SCALES_K */
-            if ((g & 7) == 0) {
-                super_d = SUFFIX(halves)(record);
-                super_m = SUFFIX(halves)(record + 16);
-                record += 32;
-            }
-            dw = _mm256_mul_ps(super_d, SUFFIX(bytes_as_floats)(record));
-            mw = _mm256_xor_ps(_mm256_mul_ps(super_m, SUFFIX(bytes_as_floats)(record + 8)),
-                               _mm256_set1_ps(-0.0f));
-            record += 16;
-        }
+        const GroupScales scales = SUFFIX(group_scales)(layout, g, &record, &super_d, &super_m);
         for (int c = 0; c < 8; c++) {
-            __m256i w;
-            if (layout.width == 8) {
-                w = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(record + 32 * c)), _mm256_set1_epi8((char)0x80));
-            } else {
-                const __m256i packed = _mm256_loadu_si256((const __m256i *)(record + 32 * (c >> 1)));
-                w = _mm256_and_si256((c & 1) ? _mm256_srli_epi16(packed, 4) : packed, _mm256_set1_epi8(15));
-                if (layout.width == 5) w = _mm256_or_si256(w, SUFFIX(fifth_bits)(read_u32(record + 128 + 4 * c)));
-            }
+            __m256i w = SUFFIX(chunk_values)(layout, record, c);
+            if (layout.width == 8) w = _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80)); /* Q8_0: w + 128 */
             _mm256_storeu_si256((__m256i *)(wide[g].values[c] + 32 * half), w);
         }
-        _mm256_storeu_ps(wide[g].dw + 8 * half, dw);
-        _mm256_storeu_ps(wide[g].mw + 8 * half, mw);
+        _mm256_storeu_ps(wide[g].dw + 8 * half, scales.dw);
+        _mm256_storeu_ps(wide[g].mw + 8 * half, scales.mw);
         record += value_bytes(layout.width);
     }
 }
