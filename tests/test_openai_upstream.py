@@ -29,8 +29,11 @@ from mtp_mcp.server.prompts import FIM_STYLES
 
 MTP_MCP = shutil.which("mtp-mcp") or str(Path(sys.executable).with_name("mtp-mcp"))
 # Repeats, so that vLLM's n-gram drafter finds matches in the prompt and its output.
-CONTEXT = 4096
-LONG_CALL_TOKENS = 4000  # a sampled generation that is still running when it is cancelled or vLLM is killed
+CONTEXT = 16384
+# A sampled generation that is still running when it is cancelled or vLLM is killed. 4,000 took vLLM 13-30 s here,
+# but in CI the cancel test twice found no request running when it looked, at the first text it got (never seen
+# here): most likely the whole stream had run out by then on a faster machine. 16,000 leave it four times as long.
+LONG_CALL_TOKENS = 16000
 REPETITIVE = "def add(a, b):\n    return a + b\n\ndef add(a, b):\n    return a + b\n\ndef add(a, b):"
 
 
@@ -149,10 +152,10 @@ async def test_a_prompt_beyond_the_upstream_context_gets_one_sentence(client):
 
 async def test_cancelling_a_call_aborts_the_upstream_request(client, vllm):
     progress = Progress()
-    # Sampled: few drafts hold, so the 4,000 tokens take vLLM 13-30 s here (1,800 took 6-8 s, measured; greedy, this
-    # model repeats itself and n-gram drafts make it so fast that it could end before the cancel arrives). The cancel
-    # reaches vLLM's engine 1.5-2 s after the first text. So a request no longer running a few seconds after the
-    # cancel was aborted. (vLLM's counters do not tell: its token counter lags, a delta of it once took in ~900
+    # Sampled: few drafts hold, so 4,000 tokens took vLLM 13-30 s here (1,800 took 6-8 s, measured; greedy, this
+    # model repeats itself and n-gram drafts make it so fast that it could end before the cancel arrives); the call
+    # asks for 16,000. The cancel reaches vLLM's engine 1.5-2 s after the first text. So a request no longer running
+    # a few seconds after the cancel was aborted. (vLLM's counters do not tell: its token counter lags, a delta of it once took in ~900
     # tokens of the tests before, and request_success_total once moved for a request that was gone within 5 s.)
     sampled = {"prompt": "Once", "max_new_tokens": LONG_CALL_TOKENS, "temperature": 1.0, "seed": 1}
     call = asyncio.create_task(client.call_tool("generate", sampled, progress_handler=progress))
@@ -160,7 +163,7 @@ async def test_cancelling_a_call_aborts_the_upstream_request(client, vllm):
         await progress.first.wait()
         # The request is live when it is cancelled. The gauge is polled: once, in CI, it still read 0 at the first
         # text (not seen here in many runs); a gauge seen at 1 and then at 0 has followed this request.
-        assert await _running_becomes(vllm, 1, within_s=10), vllm.log_tail()
+        assert await _running_becomes(vllm, 1, within_s=10), (progress.messages[:3], call.done(), vllm.log_tail())
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call
