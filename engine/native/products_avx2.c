@@ -12,8 +12,6 @@
 
 #define UNPACKED_BLOCKS 1
 #define UNPACKED_TILE 4 /* 2 x 4 accumulators of the 16 registers */
-#define UNPACKED_COVERS(type) ((type) != TYPE_Q8_0 && (type) != TYPE_Q6_K)
-#define UNPACKED_MIN_ROWS(type) ((type) == TYPE_Q4_K || (type) == TYPE_Q5_K ? 16 : 5)
 #define VI __m256i
 #define VF __m256
 #define VI_LOAD(p) _mm256_load_si256((const __m256i *)(p))

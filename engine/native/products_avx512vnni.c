@@ -2,10 +2,6 @@
  * registers, where one dpbusd forms and adds what maddubs + madd + add do; more rows unpacked, two row blocks per
  * 512-bit register, 8 activation rows a tile. Q6_K stays on block_tile: its signed values need their signs moved
  * onto the activations, which has no 512-bit instruction.
- *
- * From how many rows unpacking pays (2-vCPU Xeon, 2 threads, medians of 30 calls): a 2048 x 640 Q5_0 weight
- * 0.105-0.118 -> 0.078-0.087 ms at 5 rows; a 640 x 2048 Q4_K one, whose scales take more unpacking and which has
- * fewer row blocks to share it, 0.086-0.116 -> 0.118-0.140 ms at 4-5 rows and even at 9-13.
  */
 #include "native.h"
 #ifdef MTP_X86
@@ -17,8 +13,6 @@
 
 #define UNPACKED_BLOCKS 2
 #define UNPACKED_TILE 8 /* 2 x 8 accumulators of the 32 registers */
-#define UNPACKED_COVERS(type) ((type) != TYPE_Q6_K)
-#define UNPACKED_MIN_ROWS(type) ((type) == TYPE_Q4_K || (type) == TYPE_Q5_K ? 16 : 5)
 #define VI __m512i
 #define VF __m512
 #define VI_LOAD(p) _mm512_load_si512((const void *)(p))

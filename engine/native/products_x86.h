@@ -13,11 +13,12 @@
  *
  * Unpacked products, for many activation rows (a long verification, a prefill chunk): block_tile unpacks a row
  * block's values again for every tile of activation rows, and at 256 rows spends as many instructions on that as
- * on the dots. So from UNPACKED_MIN_ROWS(type) rows the values of UNPACKED_BLOCKS row blocks (one per 8 lanes of
+ * on the dots. So from unpacked_min_rows(type) rows the values of UNPACKED_BLOCKS row blocks (one per 8 lanes of
  * the instance's vectors) are unpacked once into a buffer and every tile of UNPACKED_TILE rows reads them there.
  * The same floats lane for lane as block_tile (the integer sums are exact, and each lane's dw * dx, fma and
- * minimum term are block_tile's), so a row's output is the same bits whichever path computed it. The instance
- * defines UNPACKED_BLOCKS, UNPACKED_TILE, UNPACKED_COVERS(type), UNPACKED_MIN_ROWS(type), its vector types VI
+ * minimum term are block_tile's), so a row's output is the same bits whichever path computed it. Q6_K, and Q8_0
+ * without UNSIGNED_Q8_0, stay on block_tile: their signed values need their signs moved onto the activations. The
+ * instance defines UNPACKED_BLOCKS, UNPACKED_TILE, its vector types VI
  * (int32) and VF (float) and their operations (VI_LOAD, VI_ZERO, VI_SET1, VI_SUB, VI_DOT, VF_ZERO, VF_LOAD,
  * VF_SET1, VF_CVT, VF_MUL, VF_FMADD, VF_STORE_FIRST(out, v, n): the first n lanes).
  */
@@ -35,6 +36,12 @@
 #ifndef UNSIGNED_Q8_0
 #define UNSIGNED_Q8_0 0
 #endif
+
+/* The offset o of a format's unsigned values as the dots see them (the weight is d * (u - o)): Q8_0's 128 when its
+ * values go in as w + 128. */
+INLINE int SUFFIX(value_offset)(const int type) {
+    return UNSIGNED_Q8_0 && type == TYPE_Q8_0 ? 128 : layout_of(type).offset;
+}
 
 INLINE __m256i SUFFIX(fifth_bits)(uint32_t bits) {
     /* bit i of bits -> 16 in byte i */
@@ -118,7 +125,7 @@ INLINE void SUFFIX(block_tile)(const Activations *a, const Product *p, const uin
                                const int rb, const int r0, const int tile, const int type) {
     const Layout layout = layout_of(type);
     const int unsigned_q8_0 = UNSIGNED_Q8_0 && type == TYPE_Q8_0;
-    const int offset = unsigned_q8_0 ? 128 : layout.offset;
+    const int offset = SUFFIX(value_offset)(type);
     const int groups = k / GROUP;
     const int8_t *xq[TILE_ROWS];
     const float *xd[TILE_ROWS], *xdsum[TILE_ROWS];
@@ -213,27 +220,27 @@ typedef struct {
 } UnpackedGroup;
 
 /* Row block `record` into half `half` of every group. */
-INLINE void SUFFIX(unpack_block)(const uint8_t *record, const int groups, const int type, UnpackedGroup *wide, const int half) {
+INLINE void SUFFIX(unpack_block)(const uint8_t *record, const int groups, const int type, UnpackedGroup *unpacked, const int half) {
     const Layout layout = layout_of(type);
     __m256 super_d = _mm256_setzero_ps(), super_m = _mm256_setzero_ps();
     for (int g = 0; g < groups; g++) {
         const GroupScales scales = SUFFIX(group_scales)(layout, g, &record, &super_d, &super_m);
         for (int c = 0; c < 8; c++) {
             __m256i w = SUFFIX(chunk_values)(layout, record, c);
-            if (layout.width == 8) w = _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80)); /* Q8_0: w + 128 */
-            _mm256_storeu_si256((__m256i *)(wide[g].values[c] + 32 * half), w);
+            if (UNSIGNED_Q8_0 && type == TYPE_Q8_0) w = _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80)); /* w + 128 */
+            _mm256_storeu_si256((__m256i *)(unpacked[g].values[c] + 32 * half), w);
         }
-        _mm256_storeu_ps(wide[g].dw + 8 * half, scales.dw);
-        _mm256_storeu_ps(wide[g].mw + 8 * half, scales.mw);
+        _mm256_storeu_ps(unpacked[g].dw + 8 * half, scales.dw);
+        _mm256_storeu_ps(unpacked[g].mw + 8 * half, scales.mw);
         record += value_bytes(layout.width);
     }
 }
 
 /* The unpacked groups against activation rows r0 .. r0 + tile - 1; lanes outside `lanes` are not stored. */
-INLINE void SUFFIX(unpacked_tile)(const Activations *a, const Product *p, const UnpackedGroup *wide, const int groups, const int rb,
+INLINE void SUFFIX(unpacked_tile)(const Activations *a, const Product *p, const UnpackedGroup *unpacked, const int groups, const int rb,
                                const int r0, const int tile, const int type, const int lanes) {
     const Layout layout = layout_of(type);
-    const int offset = type == TYPE_Q8_0 ? 128 : layout.offset;
+    const int offset = SUFFIX(value_offset)(type);
     const int k = groups * GROUP;
     VF acc[UNPACKED_TILE];
     for (int r = 0; r < tile; r++) acc[r] = VF_ZERO();
@@ -241,13 +248,13 @@ INLINE void SUFFIX(unpacked_tile)(const Activations *a, const Product *p, const 
         VI sums[UNPACKED_TILE];
         for (int r = 0; r < tile; r++) sums[r] = VI_ZERO();
         for (int c = 0; c < 8; c++) {
-            const VI w = VI_LOAD(wide[g].values[c]);
+            const VI w = VI_LOAD(unpacked[g].values[c]);
             for (int r = 0; r < tile; r++) {
                 const uint8_t *x = (const uint8_t *)a->q + (size_t)(r0 + r) * k + (size_t)g * GROUP + 4 * c;
                 sums[r] = VI_DOT(sums[r], w, VI_SET1((int)read_u32(x)));
             }
         }
-        const VF dw = VF_LOAD(wide[g].dw), mw = VF_LOAD(wide[g].mw);
+        const VF dw = VF_LOAD(unpacked[g].dw), mw = VF_LOAD(unpacked[g].mw);
         for (int r = 0; r < tile; r++) {
             const size_t at = (size_t)(r0 + r) * groups + g;
             VI sum = sums[r];
@@ -261,19 +268,19 @@ INLINE void SUFFIX(unpacked_tile)(const Activations *a, const Product *p, const 
 }
 
 INLINE void SUFFIX(unpacked_blocks_of_type)(const Activations *a, const Product *p, const int k, const int block_begin,
-                                const int block_end, const int type, UnpackedGroup *wide) {
+                                const int block_end, const int type, UnpackedGroup *unpacked) {
     const int groups = k / GROUP;
     const size_t stride = row_block_bytes(layout_of(type), groups);
     for (int rb = block_begin; rb < block_end; rb += UNPACKED_BLOCKS) {
         const int pair = UNPACKED_BLOCKS == 2 && rb + 1 < block_end;
-        SUFFIX(unpack_block)(p->blocks + (size_t)rb * stride, groups, type, wide, 0);
+        SUFFIX(unpack_block)(p->blocks + (size_t)rb * stride, groups, type, unpacked, 0);
         if (pair) {
-            SUFFIX(unpack_block)(p->blocks + (size_t)(rb + 1) * stride, groups, type, wide, 1);
+            SUFFIX(unpack_block)(p->blocks + (size_t)(rb + 1) * stride, groups, type, unpacked, 1);
         } else if (UNPACKED_BLOCKS == 2) {
             for (int g = 0; g < groups; g++) { /* lanes 8-15 computed but not stored */
-                for (int c = 0; c < 8; c++) memset(wide[g].values[c] + 32, 0, 32);
-                memset(wide[g].dw + 8, 0, 32);
-                memset(wide[g].mw + 8, 0, 32);
+                for (int c = 0; c < 8; c++) memset(unpacked[g].values[c] + 32, 0, 32);
+                memset(unpacked[g].dw + 8, 0, 32);
+                memset(unpacked[g].mw + 8, 0, 32);
             }
         }
         /* Only a weight's last row block can be partial. */
@@ -281,36 +288,46 @@ INLINE void SUFFIX(unpacked_blocks_of_type)(const Activations *a, const Product 
         for (int r0 = 0; r0 < a->rows; r0 += UNPACKED_TILE) {
             switch (a->rows - r0 < UNPACKED_TILE ? a->rows - r0 : UNPACKED_TILE) {
 #if UNPACKED_TILE == 8
-            case 8: SUFFIX(unpacked_tile)(a, p, wide, groups, rb, r0, 8, type, lanes); break;
-            case 7: SUFFIX(unpacked_tile)(a, p, wide, groups, rb, r0, 7, type, lanes); break;
-            case 6: SUFFIX(unpacked_tile)(a, p, wide, groups, rb, r0, 6, type, lanes); break;
-            case 5: SUFFIX(unpacked_tile)(a, p, wide, groups, rb, r0, 5, type, lanes); break;
+            case 8: SUFFIX(unpacked_tile)(a, p, unpacked, groups, rb, r0, 8, type, lanes); break;
+            case 7: SUFFIX(unpacked_tile)(a, p, unpacked, groups, rb, r0, 7, type, lanes); break;
+            case 6: SUFFIX(unpacked_tile)(a, p, unpacked, groups, rb, r0, 6, type, lanes); break;
+            case 5: SUFFIX(unpacked_tile)(a, p, unpacked, groups, rb, r0, 5, type, lanes); break;
 #endif
-            case 4: SUFFIX(unpacked_tile)(a, p, wide, groups, rb, r0, 4, type, lanes); break;
-            case 3: SUFFIX(unpacked_tile)(a, p, wide, groups, rb, r0, 3, type, lanes); break;
-            case 2: SUFFIX(unpacked_tile)(a, p, wide, groups, rb, r0, 2, type, lanes); break;
-            default: SUFFIX(unpacked_tile)(a, p, wide, groups, rb, r0, 1, type, lanes); break;
+            case 4: SUFFIX(unpacked_tile)(a, p, unpacked, groups, rb, r0, 4, type, lanes); break;
+            case 3: SUFFIX(unpacked_tile)(a, p, unpacked, groups, rb, r0, 3, type, lanes); break;
+            case 2: SUFFIX(unpacked_tile)(a, p, unpacked, groups, rb, r0, 2, type, lanes); break;
+            default: SUFFIX(unpacked_tile)(a, p, unpacked, groups, rb, r0, 1, type, lanes); break;
             }
         }
     }
 }
 
+/* From how many activation rows unpacking pays (2-vCPU Xeon, 2 threads, medians of 30 calls, AVX-512 VNNI): a
+ * 2048 x 640 Q5_0 weight 0.105-0.118 -> 0.078-0.087 ms at 5 rows; a 640 x 2048 Q4_K one, whose scales take more
+ * unpacking and which has fewer row blocks to share it, 0.086-0.116 -> 0.118-0.140 ms at 4-5 rows and even at 9-13.
+ * 0: left to block_tile. */
+INLINE int SUFFIX(unpacked_min_rows)(const int type) {
+    if (type == TYPE_Q6_K || (type == TYPE_Q8_0 && !UNSIGNED_Q8_0)) return 0;
+    return type == TYPE_Q4_K || type == TYPE_Q5_K ? 16 : 5;
+}
+
 void SUFFIX(product_blocks)(const Activations *a, const Product *p, int k, int block_begin, int block_end) {
-    UnpackedGroup *wide = NULL;
-    if (UNPACKED_COVERS(p->type) && a->rows >= UNPACKED_MIN_ROWS(p->type))
-        wide = aligned_alloc(64, sizeof(UnpackedGroup) * (size_t)(k / GROUP)); /* a multiple of 64 bytes */
-    if (wide == NULL) { /* few rows, a format left to block_tile, or no memory for the unpacked values */
+    const int min_rows = SUFFIX(unpacked_min_rows)(p->type);
+    UnpackedGroup *unpacked = NULL;
+    if (min_rows && a->rows >= min_rows)
+        unpacked = aligned_alloc(64, sizeof(UnpackedGroup) * (size_t)(k / GROUP)); /* a multiple of 64 bytes */
+    if (unpacked == NULL) { /* few rows, a format left to block_tile, or no memory for the unpacked values */
         SUFFIX(narrow_product_blocks)(a, p, k, block_begin, block_end);
         return;
     }
     switch (p->type) {
-    case TYPE_Q4_0: SUFFIX(unpacked_blocks_of_type)(a, p, k, block_begin, block_end, TYPE_Q4_0, wide); break;
-    case TYPE_Q4_1: SUFFIX(unpacked_blocks_of_type)(a, p, k, block_begin, block_end, TYPE_Q4_1, wide); break;
-    case TYPE_Q5_0: SUFFIX(unpacked_blocks_of_type)(a, p, k, block_begin, block_end, TYPE_Q5_0, wide); break;
-    case TYPE_Q5_1: SUFFIX(unpacked_blocks_of_type)(a, p, k, block_begin, block_end, TYPE_Q5_1, wide); break;
-    case TYPE_Q8_0: SUFFIX(unpacked_blocks_of_type)(a, p, k, block_begin, block_end, TYPE_Q8_0, wide); break;
-    case TYPE_Q4_K: SUFFIX(unpacked_blocks_of_type)(a, p, k, block_begin, block_end, TYPE_Q4_K, wide); break;
-    case TYPE_Q5_K: SUFFIX(unpacked_blocks_of_type)(a, p, k, block_begin, block_end, TYPE_Q5_K, wide); break;
+    case TYPE_Q4_0: SUFFIX(unpacked_blocks_of_type)(a, p, k, block_begin, block_end, TYPE_Q4_0, unpacked); break;
+    case TYPE_Q4_1: SUFFIX(unpacked_blocks_of_type)(a, p, k, block_begin, block_end, TYPE_Q4_1, unpacked); break;
+    case TYPE_Q5_0: SUFFIX(unpacked_blocks_of_type)(a, p, k, block_begin, block_end, TYPE_Q5_0, unpacked); break;
+    case TYPE_Q5_1: SUFFIX(unpacked_blocks_of_type)(a, p, k, block_begin, block_end, TYPE_Q5_1, unpacked); break;
+    case TYPE_Q8_0: SUFFIX(unpacked_blocks_of_type)(a, p, k, block_begin, block_end, TYPE_Q8_0, unpacked); break;
+    case TYPE_Q4_K: SUFFIX(unpacked_blocks_of_type)(a, p, k, block_begin, block_end, TYPE_Q4_K, unpacked); break;
+    case TYPE_Q5_K: SUFFIX(unpacked_blocks_of_type)(a, p, k, block_begin, block_end, TYPE_Q5_K, unpacked); break;
     }
-    free(wide);
+    free(unpacked);
 }
